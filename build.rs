@@ -1,0 +1,28 @@
+//! Compiles the protobuf contract without a system `protoc`: protox parses the
+//! files, tonic-prost-build generates the code, and the descriptor set is kept for
+//! server reflection.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+const PROTOS: &[&str] = &["users/v1/user_service.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler.include_imports(true).include_source_info(true);
+    compiler.open_files(PROTOS)?;
+    let fds = compiler.file_descriptor_set();
+
+    std::fs::write(out_dir.join("users_descriptor.bin"), fds.encode_to_vec())?;
+
+    tonic_prost_build::configure()
+        // Maps with a stable order: the request fingerprint used for idempotency
+        // keys hashes the encoded request, which must not depend on hash order.
+        .btree_map(".")
+        .compile_fds(fds)?;
+    Ok(())
+}

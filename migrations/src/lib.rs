@@ -1,0 +1,15 @@
+//! Database migrations of user-service, applied at start-up and by
+//! `user-service migrate`. One module per migration, named by date.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261122_000001_create_users;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261122_000001_create_users::Migration)]
+    }
+}

@@ -1,0 +1,137 @@
+//! Start-up: connect, migrate, wire health, reflection and the service, serve
+//! until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::domain::{UserRepository, Users};
+use crate::grpc::trace::RpcTraceLayer;
+use crate::grpc::{UserServiceImpl, UserServiceServer};
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::storage::{self, SeaOrmRepository};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The name the health service reports the user service under.
+pub const SERVICE_NAME: &str = "users.v1.UserService";
+
+/// Connects to the database and applies migrations.
+pub async fn open_database(settings: &Settings) -> Result<SeaOrmRepository, BoxError> {
+    let db = storage::connect(&settings.database_url, settings.db_max_connections)
+        .await
+        .map_err(|e| format!("cannot open the database: {e}"))?;
+    storage::migrate(&db)
+        .await
+        .map_err(|e| format!("cannot migrate the database: {e}"))?;
+    Ok(SeaOrmRepository::new(db))
+}
+
+/// Binds `settings.listen` and serves until `shutdown` resolves.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    serve(settings, listener, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind 127.0.0.1:0 first).
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let addr: SocketAddr = listener.local_addr()?;
+    let repo = open_database(&settings).await?;
+    let users = Arc::new(Users::new(repo, settings.delete_retention));
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::Serving).await;
+
+    let background = tokio::spawn(watch_database(
+        users.clone(),
+        reporter.clone(),
+        settings.health_interval,
+    ));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let service = UserServiceServer::new(UserServiceImpl::new(users));
+    info!(%addr, "serving users.v1.UserService");
+    let result = Server::builder()
+        .timeout(settings.request_timeout)
+        .layer(RpcTraceLayer)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+            shutdown.await;
+            info!("shutting down: finishing in-flight requests");
+        })
+        .await;
+    background.abort();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    result?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Probes the database: NOT_SERVING while it does not answer. Also purges
+/// soft-deleted users whose retention has run out, about once a minute.
+async fn watch_database<R: UserRepository>(
+    users: Arc<Users<R>>,
+    reporter: HealthReporter,
+    every: std::time::Duration,
+) {
+    let mut serving = true;
+    let mut ticks: u64 = 0;
+    let purge_every = (60 / every.as_secs().max(1)).max(1);
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        ticks += 1;
+        let up = users.repository().ping().await.is_ok();
+        if up != serving {
+            serving = up;
+            if up {
+                info!("database reachable again: SERVING");
+                set_health(&reporter, ServingStatus::Serving).await;
+            } else {
+                warn!("database unreachable: NOT_SERVING");
+                set_health(&reporter, ServingStatus::NotServing).await;
+            }
+        }
+        if up && ticks.is_multiple_of(purge_every) {
+            match users.purge_expired().await {
+                Ok(0) => {}
+                Ok(n) => info!(purged = n, "purged soft-deleted users past retention"),
+                Err(e) => warn!(error = %e, "purge failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Everything a domain operation can refuse. The gRPC layer maps each variant
+//! to a status code with an exhaustive match.
+
+use super::values::UserName;
+
+/// One refused field: its path in the request and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+/// Collects every violation of a request so they are reported together.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    pub fn push(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push(FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        });
+    }
+
+    /// Runs a parse; on refusal records the reason under `field`.
+    pub fn check<T>(&mut self, field: impl FnOnce() -> String, r: Result<T, String>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(reason) => {
+                self.push(field(), reason);
+                None
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_result(self) -> Result<(), DomainError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(DomainError::InvalidArgument(self.0))
+        }
+    }
+}
+
+/// An identifier that must be unique among the live users of a project.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identifier {
+    Email,
+    PhoneNumber,
+    Username,
+    ExternalId,
+    /// The resource name itself (a chosen `user_id` that is taken).
+    Name,
+}
+
+impl Identifier {
+    pub fn field(self) -> &'static str {
+        match self {
+            Identifier::Email => "email",
+            Identifier::PhoneNumber => "phone_number",
+            Identifier::Username => "username",
+            Identifier::ExternalId => "external_id",
+            Identifier::Name => "name",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error("invalid argument")]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("user {0} not found")]
+    NotFound(String),
+    #[error("user {0} is already deleted")]
+    AlreadyDeleted(UserName),
+    #[error("{} is already used by another user", .0.field())]
+    AlreadyExists(Identifier),
+    #[error("user {0} is not deleted")]
+    NotDeleted(UserName),
+    #[error("etag mismatch")]
+    EtagMismatch,
+    #[error("the user kept changing concurrently; retry")]
+    ConcurrentModification,
+    #[error("user {0} is deleted")]
+    UserDeleted(UserName),
+    #[error("user {0} is deleted; its state cannot change")]
+    InvalidTransition(UserName),
+    #[error("request_id was already used with a different request")]
+    RequestIdReused,
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl DomainError {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        DomainError::InvalidArgument(vec![FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }])
+    }
+}

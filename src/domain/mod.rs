@@ -1,0 +1,14 @@
+//! Validated values, the user model, the lifecycle rules and the repository
+//! trait. Nothing here knows about gRPC or SQL.
+
+pub mod error;
+pub mod repository;
+pub mod service;
+pub mod user;
+pub mod values;
+
+pub use error::{DomainError, FieldViolation, Identifier, Violations};
+pub use repository::{Created, IdempotencyKey, Identity, UserRepository};
+pub use service::{NewUser, Users};
+pub use user::{Address, AddressKind, Field, FieldPath, Profile, State, User};
+pub use values::*;

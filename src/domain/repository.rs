@@ -1,0 +1,94 @@
+//! What the domain needs from storage. Uniqueness and concurrency are decided by
+//! the database: inserts and conditional writes report conflicts as
+//! `DomainError::AlreadyExists`, and a conditional write that lost a race
+//! returns `false`.
+
+use std::future::Future;
+
+use super::error::DomainError;
+use super::user::User;
+use super::values::{Email, ExternalId, PhoneNumber, ProjectId, Timestamp, UserId, Username};
+
+/// An idempotency key with the fingerprint of the request that used it first.
+#[derive(Clone, Debug)]
+pub struct IdempotencyKey {
+    pub request_id: String,
+    pub fingerprint: String,
+}
+
+/// What a create stored, or found stored under the same idempotency key.
+#[derive(Debug)]
+pub enum Created {
+    New(User),
+    /// An earlier request with this key: its fingerprint and its result.
+    Earlier {
+        fingerprint: String,
+        user: User,
+    },
+}
+
+/// A live identity to look a user up by.
+#[derive(Clone, Debug)]
+pub enum Identity {
+    Email(Email),
+    PhoneNumber(PhoneNumber),
+    Username(Username),
+    ExternalId(ExternalId),
+}
+
+pub trait UserRepository: Send + Sync + 'static {
+    /// Inserts a new user (and, atomically with it, the idempotency key).
+    fn insert(
+        &self,
+        user: &User,
+        key: Option<&IdempotencyKey>,
+    ) -> impl Future<Output = Result<Created, DomainError>> + Send;
+
+    /// The result stored under an idempotency key, if any.
+    fn find_request(
+        &self,
+        project: &ProjectId,
+        request_id: &str,
+    ) -> impl Future<Output = Result<Option<(String, User)>, DomainError>> + Send;
+
+    /// Fails with `AlreadyExists` if inserting `user` now would conflict.
+    fn check_available(&self, user: &User) -> impl Future<Output = Result<(), DomainError>> + Send;
+
+    fn get(
+        &self,
+        project: &ProjectId,
+        id: &UserId,
+    ) -> impl Future<Output = Result<Option<User>, DomainError>> + Send;
+
+    /// The live (not deleted) user holding an identity.
+    fn lookup(
+        &self,
+        project: &ProjectId,
+        identity: &Identity,
+    ) -> impl Future<Output = Result<Option<User>, DomainError>> + Send;
+
+    /// Writes `user` if the stored revision is still `expected_revision`.
+    fn save(
+        &self,
+        user: &User,
+        expected_revision: i64,
+    ) -> impl Future<Output = Result<bool, DomainError>> + Send;
+
+    /// Erases a user if the stored revision is still `expected_revision`.
+    fn erase(
+        &self,
+        project: &ProjectId,
+        id: &UserId,
+        expected_revision: i64,
+    ) -> impl Future<Output = Result<bool, DomainError>> + Send;
+
+    /// Erases up to `limit` soft-deleted users whose purge time has passed.
+    fn purge_expired(
+        &self,
+        now: Timestamp,
+        limit: u64,
+    ) -> impl Future<Output = Result<u64, DomainError>> + Send;
+
+    /// Checks that the database answers.
+    fn ping(&self) -> impl Future<Output = Result<(), DomainError>> + Send;
+}

@@ -1,0 +1,242 @@
+//! The UserService implementation: decode, call the domain, encode. No SQL and
+//! no business rules here.
+
+pub mod convert;
+pub mod status;
+pub mod trace;
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::domain::{
+    DomainError, Email, ExternalId, Field, IdempotencyKey, Identity, NewUser, PhoneNumber,
+    ProjectId, State, UserId, UserName, UserRepository, Username, Users, Violations,
+};
+use crate::proto::users::v1 as pb;
+use convert::{fingerprint, parse_mask, parse_profile, populated_fields, user_to_proto};
+use pb::user_service_server::UserService;
+use trace::record_project;
+
+pub use pb::user_service_server::UserServiceServer;
+
+pub struct UserServiceImpl<R> {
+    users: Arc<Users<R>>,
+}
+
+impl<R> UserServiceImpl<R> {
+    pub fn new(users: Arc<Users<R>>) -> Self {
+        Self { users }
+    }
+}
+
+type Reply = Result<Response<pb::User>, Status>;
+
+fn reply(user: &crate::domain::User) -> Reply {
+    Ok(Response::new(user_to_proto(user)))
+}
+
+fn parse_name(name: &str, field: &str) -> Result<UserName, Status> {
+    let parsed = UserName::parse(name).map_err(|r| DomainError::invalid(field, r))?;
+    record_project(parsed.project.as_str());
+    Ok(parsed)
+}
+
+fn etag(e: &str) -> Option<&str> {
+    if e.is_empty() { None } else { Some(e) }
+}
+
+fn check_request_id(s: &str) -> Result<(), String> {
+    if s.len() > 100
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
+    {
+        return Err(
+            "must be at most 100 characters of letters, digits, '_', '.', ':' and '-'".into(),
+        );
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl<R: UserRepository> UserService for UserServiceImpl<R> {
+    async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Reply {
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
+        if let Some(p) = &project {
+            record_project(p.as_str());
+        }
+        let id = if req.user_id.is_empty() {
+            None
+        } else {
+            v.check(|| "user_id".into(), UserId::parse(&req.user_id))
+        };
+        if !req.request_id.is_empty() {
+            v.check(|| "request_id".into(), check_request_id(&req.request_id));
+        }
+        let initial_state = match pb::user::State::try_from(req.initial_state) {
+            Ok(pb::user::State::Unspecified | pb::user::State::Active) => State::Active,
+            Ok(pb::user::State::Pending) => State::Pending,
+            _ => {
+                v.push(
+                    "initial_state",
+                    "must be PENDING or ACTIVE (or unset, meaning ACTIVE)",
+                );
+                State::Active
+            }
+        };
+        let profile = match &req.user {
+            Some(u) => {
+                let p = parse_profile(u, "user", &|_| true, &mut v);
+                if !p.has_contact() && u.email.is_empty() && u.phone_number.is_empty() {
+                    for f in ["user.email", "user.phone_number"] {
+                        v.push(f, "a user needs at least one of email and phone_number");
+                    }
+                }
+                Some(p)
+            }
+            None => {
+                v.push("user", "is required");
+                None
+            }
+        };
+        v.into_result()?;
+        let (Some(project), Some(profile)) = (project, profile) else {
+            return Err(DomainError::Internal("validated request incomplete".into()).into());
+        };
+        let key = (!req.request_id.is_empty()).then(|| IdempotencyKey {
+            request_id: req.request_id.clone(),
+            fingerprint: fingerprint(&req),
+        });
+        let new = NewUser {
+            project,
+            id,
+            profile,
+            initial_state,
+        };
+        let user = self.users.create(new, key, req.validate_only).await?;
+        let mut out = user_to_proto(&user);
+        if req.validate_only {
+            // Nothing was stored: there is no version to quote back.
+            out.etag.clear();
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Reply {
+        let name = parse_name(&request.get_ref().name, "name")?;
+        reply(&self.users.get(&name).await?)
+    }
+
+    async fn lookup_user(&self, request: Request<pb::LookupUserRequest>) -> Reply {
+        use pb::lookup_user_request::Identifier as Id;
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
+        if let Some(p) = &project {
+            record_project(p.as_str());
+        }
+        let identity = match &req.identifier {
+            Some(Id::Email(s)) => v.check(|| "email".into(), Email::parse(s).map(Identity::Email)),
+            Some(Id::PhoneNumber(s)) => v.check(
+                || "phone_number".into(),
+                PhoneNumber::parse(s).map(Identity::PhoneNumber),
+            ),
+            Some(Id::Username(s)) => v.check(
+                || "username".into(),
+                Username::parse(s).map(Identity::Username),
+            ),
+            Some(Id::ExternalId(s)) => v.check(
+                || "external_id".into(),
+                ExternalId::parse(s)
+                    .and_then(|x| {
+                        if s.is_empty() {
+                            Err("must not be empty".into())
+                        } else {
+                            Ok(x)
+                        }
+                    })
+                    .map(Identity::ExternalId),
+            ),
+            None => {
+                v.push(
+                    "identifier",
+                    "exactly one of email, phone_number, username, external_id must be set",
+                );
+                None
+            }
+        };
+        v.into_result()?;
+        let (Some(project), Some(identity)) = (project, identity) else {
+            return Err(DomainError::Internal("validated request incomplete".into()).into());
+        };
+        reply(&self.users.lookup(&project, &identity).await?)
+    }
+
+    async fn update_user(&self, request: Request<pb::UpdateUserRequest>) -> Reply {
+        let req = request.into_inner();
+        let Some(user) = &req.user else {
+            return Err(DomainError::invalid("user", "is required").into());
+        };
+        let name = parse_name(&user.name, "user.name")?;
+        let mut v = Violations::default();
+        let paths = match &req.update_mask {
+            Some(mask) if !mask.paths.is_empty() => parse_mask(&mask.paths, &mut v),
+            _ => populated_fields(user),
+        };
+        let selected: Vec<Field> = paths.iter().map(|p| p.field()).collect();
+        let patch = parse_profile(user, "user", &|f| selected.contains(&f), &mut v);
+        v.into_result()?;
+        let updated = self
+            .users
+            .update(&name, etag(&user.etag), &patch, &paths)
+            .await?;
+        reply(&updated)
+    }
+
+    async fn delete_user(&self, request: Request<pb::DeleteUserRequest>) -> Reply {
+        let req = request.into_inner();
+        let name = parse_name(&req.name, "name")?;
+        let deleted = self
+            .users
+            .delete(&name, etag(&req.etag), req.allow_missing, req.force)
+            .await?;
+        match deleted {
+            Some(user) => reply(&user),
+            None => Ok(Response::new(pb::User {
+                name: name.to_string(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    async fn undelete_user(&self, request: Request<pb::UndeleteUserRequest>) -> Reply {
+        let req = request.into_inner();
+        let name = parse_name(&req.name, "name")?;
+        reply(&self.users.undelete(&name, etag(&req.etag)).await?)
+    }
+
+    async fn activate_user(&self, request: Request<pb::ActivateUserRequest>) -> Reply {
+        let req = request.into_inner();
+        let name = parse_name(&req.name, "name")?;
+        reply(
+            &self
+                .users
+                .set_state(&name, etag(&req.etag), State::Active)
+                .await?,
+        )
+    }
+
+    async fn disable_user(&self, request: Request<pb::DisableUserRequest>) -> Reply {
+        let req = request.into_inner();
+        let name = parse_name(&req.name, "name")?;
+        reply(
+            &self
+                .users
+                .set_state(&name, etag(&req.etag), State::Disabled)
+                .await?,
+        )
+    }
+}

@@ -1,0 +1,93 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use user_service::app::{self, BoxError};
+use user_service::config::{Cli, Command};
+use user_service::{storage, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => app::run(cli.settings, shutdown_signal()).await,
+        Command::Migrate => migrate(&cli.settings.database_url).await,
+        Command::Healthcheck { addr, timeout } => {
+            return match tokio::time::timeout(timeout, healthcheck(addr)).await {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
+                    eprintln!("unhealthy: {e}");
+                    ExitCode::FAILURE
+                }
+                Err(_) => {
+                    eprintln!("unhealthy: no answer within {timeout:?}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("user-service: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(url: &str) -> Result<(), BoxError> {
+    let db = storage::connect(url, 2).await?;
+    storage::migrate(&db).await?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn healthcheck(addr: String) -> Result<(), BoxError> {
+    let addr = if addr.contains("://") {
+        addr
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = tonic::transport::Channel::from_shared(addr)?
+        .connect()
+        .await?;
+    let mut client = HealthClient::new(channel);
+    let status = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status();
+    if status == ServingStatus::Serving {
+        Ok(())
+    } else {
+        Err(format!("server reports {status:?}").into())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

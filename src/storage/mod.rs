@@ -1,0 +1,474 @@
+//! sea-orm persistence: connecting, migrating, and the repository.
+
+mod entity;
+
+use std::time::Duration;
+
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::sqlx;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
+    DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, RuntimeErr, SqlErr,
+    TransactionTrait,
+};
+use tracing::{error, instrument, warn};
+
+use crate::domain::{
+    Address, Birthday, Created, DomainError, Email, ExternalId, IdempotencyKey, Identifier,
+    Identity, Locale, PhoneNumber, PictureUri, Profile, ProjectId, State, Timestamp, User, UserId,
+    UserRepository, Username,
+};
+use entity::{request_ids, users};
+
+/// How long an idempotency key is remembered.
+const REQUEST_ID_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Opens a pool. SQLite files are created when missing and run in WAL mode with
+/// a busy timeout and foreign keys on.
+pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+    let mut opts = ConnectOptions::new(url.to_owned());
+    opts.max_connections(max_connections)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| {
+            o.create_if_missing(true)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+        });
+    Database::connect(opts).await
+}
+
+/// Applies pending migrations. On PostgreSQL an advisory lock serialises
+/// replicas that start together.
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
+    if db.get_database_backend() == DatabaseBackend::Postgres {
+        let txn = db.begin().await?;
+        txn.execute_unprepared("SELECT pg_advisory_xact_lock(7204319411)")
+            .await?;
+        let result = Migrator::up(db, None).await;
+        txn.commit().await?;
+        result
+    } else {
+        Migrator::up(db, None).await
+    }
+}
+
+#[derive(Clone)]
+pub struct SeaOrmRepository {
+    db: DatabaseConnection,
+}
+
+impl SeaOrmRepository {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    async fn find_request_model(
+        &self,
+        project: &str,
+        request_id: &str,
+    ) -> Result<Option<(String, User)>, DomainError> {
+        let found = request_ids::Entity::find_by_id((project.to_owned(), request_id.to_owned()))
+            .one(&self.db)
+            .await
+            .map_err(db_error)?;
+        let Some(rec) = found else { return Ok(None) };
+        let model: users::Model = serde_json::from_str(&rec.response)
+            .map_err(|e| DomainError::Internal(format!("stored response unreadable: {e}")))?;
+        Ok(Some((rec.fingerprint, from_model(model)?)))
+    }
+}
+
+impl UserRepository for SeaOrmRepository {
+    #[instrument(skip_all, fields(project = %user.project))]
+    async fn insert(
+        &self,
+        user: &User,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Created, DomainError> {
+        let model = to_model(user)?;
+        let txn = self.db.begin().await.map_err(db_error)?;
+        if let Some(key) = key {
+            // The key goes in first: a concurrent twin blocks on it and then
+            // replays this request instead of tripping over its email.
+            let rec = request_ids::ActiveModel {
+                project: Set(model.project.clone()),
+                request_id: Set(key.request_id.clone()),
+                fingerprint: Set(key.fingerprint.clone()),
+                user_id: Set(model.user_id.clone()),
+                response: Set(serde_json::to_string(&model)
+                    .map_err(|e| DomainError::Internal(e.to_string()))?),
+                create_time: Set(user.create_time.nanos()),
+            };
+            let inserted = request_ids::Entity::insert(rec)
+                .on_conflict(
+                    OnConflict::columns([
+                        request_ids::Column::Project,
+                        request_ids::Column::RequestId,
+                    ])
+                    .do_nothing()
+                    .to_owned(),
+                )
+                .exec_without_returning(&txn)
+                .await
+                .map_err(db_error)?;
+            if inserted == 0 {
+                txn.rollback().await.map_err(db_error)?;
+                return match self
+                    .find_request_model(user.project.as_str(), &key.request_id)
+                    .await?
+                {
+                    Some((fingerprint, user)) => Ok(Created::Earlier { fingerprint, user }),
+                    None => Err(DomainError::Unavailable(
+                        "idempotency key vanished while in use; retry".into(),
+                    )),
+                };
+            }
+        }
+        users::Entity::insert(users::ActiveModel::from(model))
+            .exec_without_returning(&txn)
+            .await
+            .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        Ok(Created::New(user.clone()))
+    }
+
+    async fn find_request(
+        &self,
+        project: &ProjectId,
+        request_id: &str,
+    ) -> Result<Option<(String, User)>, DomainError> {
+        self.find_request_model(project.as_str(), request_id).await
+    }
+
+    #[instrument(skip_all, fields(project = %user.project))]
+    async fn check_available(&self, user: &User) -> Result<(), DomainError> {
+        let p = &user.profile;
+        let mut live = sea_orm::Condition::any();
+        if let Some(e) = &p.email {
+            live = live.add(users::Column::EmailKey.eq(e.key()));
+        }
+        if let Some(v) = &p.phone_number {
+            live = live.add(users::Column::PhoneNumber.eq(v.as_str()));
+        }
+        if let Some(v) = &p.username {
+            live = live.add(users::Column::Username.eq(v.as_str()));
+        }
+        if let Some(v) = &p.external_id {
+            live = live.add(users::Column::ExternalId.eq(v.as_str()));
+        }
+        let cond = sea_orm::Condition::any()
+            .add(users::Column::UserId.eq(user.id.as_str()))
+            .add(
+                sea_orm::Condition::all()
+                    .add(users::Column::DeleteTime.is_null())
+                    .add(live),
+            );
+        let rows = users::Entity::find()
+            .filter(users::Column::Project.eq(user.project.as_str()))
+            .filter(cond)
+            .limit(5)
+            .all(&self.db)
+            .await
+            .map_err(db_error)?;
+        let classify = |row: &users::Model| {
+            if row.user_id == user.id.as_str() {
+                Identifier::Name
+            } else if row.email_key.is_some() && p.email.as_ref().map(Email::key) == row.email_key {
+                Identifier::Email
+            } else if row.phone_number.is_some()
+                && p.phone_number.as_ref().map(|v| v.as_str()) == row.phone_number.as_deref()
+            {
+                Identifier::PhoneNumber
+            } else if row.username.is_some()
+                && p.username.as_ref().map(|v| v.as_str()) == row.username.as_deref()
+            {
+                Identifier::Username
+            } else {
+                Identifier::ExternalId
+            }
+        };
+        // Report the same identifier an insert would trip over first.
+        match rows.iter().map(classify).min_by_key(|i| *i as u8) {
+            Some(taken) => Err(DomainError::AlreadyExists(taken)),
+            None => Ok(()),
+        }
+    }
+
+    #[instrument(skip_all, fields(project = %project))]
+    async fn get(&self, project: &ProjectId, id: &UserId) -> Result<Option<User>, DomainError> {
+        users::Entity::find_by_id((project.as_str().to_owned(), id.as_str().to_owned()))
+            .one(&self.db)
+            .await
+            .map_err(db_error)?
+            .map(from_model)
+            .transpose()
+    }
+
+    #[instrument(skip_all, fields(project = %project))]
+    async fn lookup(
+        &self,
+        project: &ProjectId,
+        identity: &Identity,
+    ) -> Result<Option<User>, DomainError> {
+        let cond = match identity {
+            Identity::Email(e) => users::Column::EmailKey.eq(e.key()),
+            Identity::PhoneNumber(p) => users::Column::PhoneNumber.eq(p.as_str()),
+            Identity::Username(u) => users::Column::Username.eq(u.as_str()),
+            Identity::ExternalId(x) => users::Column::ExternalId.eq(x.as_str()),
+        };
+        users::Entity::find()
+            .filter(users::Column::Project.eq(project.as_str()))
+            .filter(users::Column::DeleteTime.is_null())
+            .filter(cond)
+            .one(&self.db)
+            .await
+            .map_err(db_error)?
+            .map(from_model)
+            .transpose()
+    }
+
+    #[instrument(skip_all, fields(project = %user.project))]
+    async fn save(&self, user: &User, expected_revision: i64) -> Result<bool, DomainError> {
+        let mut am = users::ActiveModel::from(to_model(user)?);
+        // The key is the filter, not a value to write.
+        am.project = sea_orm::ActiveValue::NotSet;
+        am.user_id = sea_orm::ActiveValue::NotSet;
+        let res = users::Entity::update_many()
+            .set(am)
+            .filter(users::Column::Project.eq(user.project.as_str()))
+            .filter(users::Column::UserId.eq(user.id.as_str()))
+            .filter(users::Column::Revision.eq(expected_revision))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(res.rows_affected == 1)
+    }
+
+    #[instrument(skip_all, fields(project = %project))]
+    async fn erase(
+        &self,
+        project: &ProjectId,
+        id: &UserId,
+        expected_revision: i64,
+    ) -> Result<bool, DomainError> {
+        let res = users::Entity::delete_many()
+            .filter(users::Column::Project.eq(project.as_str()))
+            .filter(users::Column::UserId.eq(id.as_str()))
+            .filter(users::Column::Revision.eq(expected_revision))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(res.rows_affected == 1)
+    }
+
+    #[instrument(skip_all)]
+    async fn purge_expired(&self, now: Timestamp, limit: u64) -> Result<u64, DomainError> {
+        let due: Vec<(String, String)> = users::Entity::find()
+            .select_only()
+            .column(users::Column::Project)
+            .column(users::Column::UserId)
+            .filter(users::Column::PurgeTime.lte(now.nanos()))
+            .limit(limit)
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(db_error)?;
+        let mut purged = 0;
+        for (project, user_id) in due {
+            // Re-checked in the statement: an undelete in between wins.
+            let res = users::Entity::delete_many()
+                .filter(users::Column::Project.eq(project))
+                .filter(users::Column::UserId.eq(user_id))
+                .filter(users::Column::PurgeTime.lte(now.nanos()))
+                .exec(&self.db)
+                .await
+                .map_err(db_error)?;
+            purged += res.rows_affected;
+        }
+        let horizon = now
+            .nanos()
+            .saturating_sub(REQUEST_ID_RETENTION.as_nanos() as i64);
+        request_ids::Entity::delete_many()
+            .filter(request_ids::Column::CreateTime.lt(horizon))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(purged)
+    }
+
+    async fn ping(&self) -> Result<(), DomainError> {
+        self.db.ping().await.map_err(db_error)
+    }
+}
+
+/// Maps a database error to the domain: constraint violations become conflicts,
+/// lost connections become Unavailable, the rest is internal (and logged here,
+/// since the client only sees a generic message).
+fn db_error(e: DbErr) -> DomainError {
+    if let Some(SqlErr::UniqueConstraintViolation(msg)) = e.sql_err() {
+        return DomainError::AlreadyExists(identifier_of_constraint(&msg));
+    }
+    let unavailable = match &e {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(se)) | DbErr::Query(RuntimeErr::SqlxError(se)) => {
+            match se.as_ref() {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // SQLite "database is locked" after the busy timeout.
+                sqlx::Error::Database(d) => {
+                    matches!(d.code().as_deref(), Some("5" | "6" | "261" | "517"))
+                        || d.code()
+                            .is_some_and(|c| c.starts_with("08") || c == "57P01")
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    if unavailable {
+        warn!(error = %e, "database unavailable");
+        DomainError::Unavailable(e.to_string())
+    } else {
+        error!(error = %e, "database error");
+        DomainError::Internal(e.to_string())
+    }
+}
+
+/// Which identifier a unique violation is about. PostgreSQL names the index,
+/// SQLite the columns; the index names contain the column names.
+fn identifier_of_constraint(msg: &str) -> Identifier {
+    if msg.contains("email_key") {
+        Identifier::Email
+    } else if msg.contains("phone_number") {
+        Identifier::PhoneNumber
+    } else if msg.contains("username") {
+        Identifier::Username
+    } else if msg.contains("external_id") {
+        Identifier::ExternalId
+    } else {
+        Identifier::Name
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, DomainError> {
+    serde_json::to_string(v).map_err(|e| DomainError::Internal(format!("encode: {e}")))
+}
+
+fn unjson<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, DomainError> {
+    serde_json::from_str(s)
+        .map_err(|e| DomainError::Internal(format!("stored row unreadable: {e}")))
+}
+
+fn to_model(u: &User) -> Result<users::Model, DomainError> {
+    let p = &u.profile;
+    let strs = |v: &[String]| json(&v);
+    Ok(users::Model {
+        project: u.project.as_str().to_owned(),
+        user_id: u.id.as_str().to_owned(),
+        email: p.email.as_ref().map(|e| e.as_str().to_owned()),
+        email_key: p.email.as_ref().map(Email::key),
+        email_verified: p.email_verified,
+        phone_number: p.phone_number.as_ref().map(|v| v.as_str().to_owned()),
+        phone_number_verified: p.phone_number_verified,
+        secondary_emails: json(&p.secondary_emails)?,
+        secondary_phone_numbers: json(&p.secondary_phone_numbers)?,
+        username: p.username.as_ref().map(|v| v.as_str().to_owned()),
+        external_id: p.external_id.as_ref().map(|v| v.as_str().to_owned()),
+        display_name: p.display_name.clone(),
+        given_name: p.given_name.clone(),
+        middle_name: p.middle_name.clone(),
+        family_name: p.family_name.clone(),
+        title: p.title.clone(),
+        birthday: p.birthday.map(Birthday::to_stored),
+        preferred_locale: p
+            .preferred_locale
+            .as_ref()
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default(),
+        picture_uri: p
+            .picture_uri
+            .as_ref()
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default(),
+        addresses: json(&p.addresses)?,
+        bio: p.bio.clone(),
+        note: p.note.clone(),
+        tags: strs(&p.tags)?,
+        roles: strs(&p.roles)?,
+        metadata: json(&p.metadata)?,
+        custom_data: p.custom_data.as_ref().map(json).transpose()?,
+        last_login_time: p.last_login_time.map(Timestamp::nanos),
+        state: u.state as i32,
+        pre_delete_state: u.pre_delete_state.map(|s| s as i32),
+        create_time: u.create_time.nanos(),
+        update_time: u.update_time.nanos(),
+        delete_time: u.delete_time.map(Timestamp::nanos),
+        purge_time: u.purge_time.map(Timestamp::nanos),
+        revision: u.revision,
+    })
+}
+
+fn from_model(m: users::Model) -> Result<User, DomainError> {
+    let state = |n: i32| {
+        State::from_i32(n).ok_or_else(|| DomainError::Internal(format!("stored state {n}")))
+    };
+    let secondary_emails: Vec<String> = unjson(&m.secondary_emails)?;
+    let secondary_phones: Vec<String> = unjson(&m.secondary_phone_numbers)?;
+    let addresses: Vec<Address> = unjson(&m.addresses)?;
+    let profile = Profile {
+        email: m.email.map(Email::from_stored),
+        email_verified: m.email_verified,
+        phone_number: m.phone_number.map(PhoneNumber::from_stored),
+        phone_number_verified: m.phone_number_verified,
+        secondary_emails: secondary_emails
+            .into_iter()
+            .map(Email::from_stored)
+            .collect(),
+        secondary_phone_numbers: secondary_phones
+            .into_iter()
+            .map(PhoneNumber::from_stored)
+            .collect(),
+        username: m.username.map(Username::from_stored),
+        external_id: m.external_id.map(ExternalId::from_stored),
+        display_name: m.display_name,
+        given_name: m.given_name,
+        middle_name: m.middle_name,
+        family_name: m.family_name,
+        title: m.title,
+        birthday: m.birthday.as_deref().and_then(Birthday::from_stored),
+        preferred_locale: Some(m.preferred_locale)
+            .filter(|s| !s.is_empty())
+            .map(Locale::from_stored),
+        picture_uri: Some(m.picture_uri)
+            .filter(|s| !s.is_empty())
+            .map(PictureUri::from_stored),
+        addresses,
+        bio: m.bio,
+        note: m.note,
+        tags: unjson(&m.tags)?,
+        roles: unjson(&m.roles)?,
+        metadata: unjson(&m.metadata)?,
+        custom_data: m.custom_data.as_deref().map(unjson).transpose()?,
+        last_login_time: m.last_login_time.map(Timestamp::from_nanos),
+    };
+    Ok(User {
+        project: ProjectId::from_stored(m.project),
+        id: UserId::from_stored(m.user_id),
+        profile,
+        state: state(m.state)?,
+        pre_delete_state: m.pre_delete_state.map(state).transpose()?,
+        create_time: Timestamp::from_nanos(m.create_time),
+        update_time: Timestamp::from_nanos(m.update_time),
+        delete_time: m.delete_time.map(Timestamp::from_nanos),
+        purge_time: m.purge_time.map(Timestamp::from_nanos),
+        revision: m.revision,
+    })
+}
