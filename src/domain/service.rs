@@ -11,7 +11,7 @@ use super::values::{ProjectId, Timestamp, UserId, UserName};
 
 /// How often a write re-reads and retries after losing a race with another
 /// writer, when the caller did not pin an etag.
-const MAX_ATTEMPTS: usize = 8;
+const MAX_ATTEMPTS: usize = 32;
 
 /// A user to create, already validated.
 #[derive(Debug)]

@@ -8,9 +8,9 @@ use migration::{Migrator, MigratorTrait};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::sqlx;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
-    DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, RuntimeErr, SqlErr,
-    TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database,
+    DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, RuntimeErr,
+    SqlErr, TransactionTrait,
 };
 use tracing::{error, instrument, warn};
 
@@ -82,6 +82,79 @@ impl SeaOrmRepository {
             .map_err(|e| DomainError::Internal(format!("stored response unreadable: {e}")))?;
         Ok(Some((rec.fingerprint, from_model(model)?)))
     }
+
+    /// The identifier of `user` that another row holds, by a fixed priority
+    /// (email, phone number, username, external id, name) so that both engines
+    /// report the same one. `with_name`: whether a row with the same name counts.
+    async fn first_conflict(
+        &self,
+        user: &User,
+        with_name: bool,
+    ) -> Result<Option<Identifier>, DomainError> {
+        let p = &user.profile;
+        let mut live = sea_orm::Condition::any();
+        if let Some(e) = &p.email {
+            live = live.add(users::Column::EmailKey.eq(e.key()));
+        }
+        if let Some(v) = &p.phone_number {
+            live = live.add(users::Column::PhoneNumber.eq(v.as_str()));
+        }
+        if let Some(v) = &p.username {
+            live = live.add(users::Column::Username.eq(v.as_str()));
+        }
+        if let Some(v) = &p.external_id {
+            live = live.add(users::Column::ExternalId.eq(v.as_str()));
+        }
+        let live = sea_orm::Condition::all()
+            .add(users::Column::DeleteTime.is_null())
+            .add(live);
+        let cond = if with_name {
+            sea_orm::Condition::any()
+                .add(users::Column::UserId.eq(user.id.as_str()))
+                .add(live)
+        } else {
+            live.add(users::Column::UserId.ne(user.id.as_str()))
+        };
+        let rows = users::Entity::find()
+            .filter(users::Column::Project.eq(user.project.as_str()))
+            .filter(cond)
+            .limit(5)
+            .all(&self.db)
+            .await
+            .map_err(db_error)?;
+        let classify = |row: &users::Model| {
+            if row.user_id == user.id.as_str() {
+                Identifier::Name
+            } else if row.email_key.is_some() && p.email.as_ref().map(Email::key) == row.email_key {
+                Identifier::Email
+            } else if row.phone_number.is_some()
+                && p.phone_number.as_ref().map(|v| v.as_str()) == row.phone_number.as_deref()
+            {
+                Identifier::PhoneNumber
+            } else if row.username.is_some()
+                && p.username.as_ref().map(|v| v.as_str()) == row.username.as_deref()
+            {
+                Identifier::Username
+            } else {
+                Identifier::ExternalId
+            }
+        };
+        // Report the same identifier an insert would trip over first.
+        Ok(rows.iter().map(classify).min_by_key(|i| *i as u8))
+    }
+}
+
+impl SeaOrmRepository {
+    /// A unique violation names whichever index the engine checked first;
+    /// re-reads to name the conflict by the fixed priority instead.
+    async fn explain(&self, user: &User, with_name: bool, e: DomainError) -> DomainError {
+        if let DomainError::AlreadyExists(fallback) = e {
+            let taken = self.first_conflict(user, with_name).await.ok().flatten();
+            DomainError::AlreadyExists(taken.unwrap_or(fallback))
+        } else {
+            e
+        }
+    }
 }
 
 impl UserRepository for SeaOrmRepository {
@@ -130,10 +203,13 @@ impl UserRepository for SeaOrmRepository {
                 };
             }
         }
-        users::Entity::insert(users::ActiveModel::from(model))
+        let inserted = users::Entity::insert(users::ActiveModel::from(model))
             .exec_without_returning(&txn)
-            .await
-            .map_err(db_error)?;
+            .await;
+        if let Err(e) = inserted {
+            txn.rollback().await.map_err(db_error)?;
+            return Err(self.explain(user, true, db_error(e)).await);
+        }
         txn.commit().await.map_err(db_error)?;
         Ok(Created::New(user.clone()))
     }
@@ -148,53 +224,7 @@ impl UserRepository for SeaOrmRepository {
 
     #[instrument(skip_all, fields(project = %user.project))]
     async fn check_available(&self, user: &User) -> Result<(), DomainError> {
-        let p = &user.profile;
-        let mut live = sea_orm::Condition::any();
-        if let Some(e) = &p.email {
-            live = live.add(users::Column::EmailKey.eq(e.key()));
-        }
-        if let Some(v) = &p.phone_number {
-            live = live.add(users::Column::PhoneNumber.eq(v.as_str()));
-        }
-        if let Some(v) = &p.username {
-            live = live.add(users::Column::Username.eq(v.as_str()));
-        }
-        if let Some(v) = &p.external_id {
-            live = live.add(users::Column::ExternalId.eq(v.as_str()));
-        }
-        let cond = sea_orm::Condition::any()
-            .add(users::Column::UserId.eq(user.id.as_str()))
-            .add(
-                sea_orm::Condition::all()
-                    .add(users::Column::DeleteTime.is_null())
-                    .add(live),
-            );
-        let rows = users::Entity::find()
-            .filter(users::Column::Project.eq(user.project.as_str()))
-            .filter(cond)
-            .limit(5)
-            .all(&self.db)
-            .await
-            .map_err(db_error)?;
-        let classify = |row: &users::Model| {
-            if row.user_id == user.id.as_str() {
-                Identifier::Name
-            } else if row.email_key.is_some() && p.email.as_ref().map(Email::key) == row.email_key {
-                Identifier::Email
-            } else if row.phone_number.is_some()
-                && p.phone_number.as_ref().map(|v| v.as_str()) == row.phone_number.as_deref()
-            {
-                Identifier::PhoneNumber
-            } else if row.username.is_some()
-                && p.username.as_ref().map(|v| v.as_str()) == row.username.as_deref()
-            {
-                Identifier::Username
-            } else {
-                Identifier::ExternalId
-            }
-        };
-        // Report the same identifier an insert would trip over first.
-        match rows.iter().map(classify).min_by_key(|i| *i as u8) {
+        match self.first_conflict(user, true).await? {
             Some(taken) => Err(DomainError::AlreadyExists(taken)),
             None => Ok(()),
         }
@@ -235,8 +265,9 @@ impl UserRepository for SeaOrmRepository {
 
     #[instrument(skip_all, fields(project = %user.project))]
     async fn save(&self, user: &User, expected_revision: i64) -> Result<bool, DomainError> {
-        let mut am = users::ActiveModel::from(to_model(user)?);
-        // The key is the filter, not a value to write.
+        // Every column is written (`reset_all` marks them Set); the key is the
+        // filter, not a value to write.
+        let mut am = users::ActiveModel::from(to_model(user)?).reset_all();
         am.project = sea_orm::ActiveValue::NotSet;
         am.user_id = sea_orm::ActiveValue::NotSet;
         let res = users::Entity::update_many()
@@ -245,9 +276,11 @@ impl UserRepository for SeaOrmRepository {
             .filter(users::Column::UserId.eq(user.id.as_str()))
             .filter(users::Column::Revision.eq(expected_revision))
             .exec(&self.db)
-            .await
-            .map_err(db_error)?;
-        Ok(res.rows_affected == 1)
+            .await;
+        match res {
+            Ok(res) => Ok(res.rows_affected == 1),
+            Err(e) => Err(self.explain(user, false, db_error(e)).await),
+        }
     }
 
     #[instrument(skip_all, fields(project = %project))]

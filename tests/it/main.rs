@@ -1,1 +1,11 @@
+//! Integration tests: a real server on an ephemeral port, a real database per
+//! test (SQLite always, PostgreSQL when TEST_DATABASE_URL is set), and the
+//! generated client.
 
+mod harness;
+
+mod create;
+mod lifecycle;
+mod read;
+mod server;
+mod update;

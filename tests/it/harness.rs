@@ -1,0 +1,290 @@
+//! Spawns the real server on 127.0.0.1:0 with a database of its own and hands
+//! back a typed client.
+
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, Database};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+use user_service::config::Settings;
+use user_service::proto::users::v1 as pb;
+use user_service::proto::users::v1::user_service_client::UserServiceClient;
+
+pub use pb::User;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates one `#[tokio::test]` per engine for each named `async fn(Engine)`.
+/// PostgreSQL tests need TEST_DATABASE_URL; without it they are skipped, except
+/// under CI=true, where that is a failure.
+#[macro_export]
+macro_rules! both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::harness::Engine::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if $crate::harness::postgres_url().is_some() {
+                        super::$name($crate::harness::Engine::Postgres).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// The PostgreSQL server to test against, if any.
+pub fn postgres_url() -> Option<String> {
+    match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI is set but TEST_DATABASE_URL is not: the PostgreSQL tests would not run"
+            );
+            eprintln!("TEST_DATABASE_URL not set: PostgreSQL test skipped");
+            None
+        }
+    }
+}
+
+/// A database of one test: a SQLite file in a temporary directory, or a fresh
+/// PostgreSQL schema dropped when the test ends.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg_schema: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn new(engine: Engine) -> Self {
+        match engine {
+            Engine::Sqlite => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let url = format!("sqlite://{}/users.db?mode=rwc", dir.path().display());
+                TestDb {
+                    url,
+                    _dir: Some(dir),
+                    pg_schema: None,
+                }
+            }
+            Engine::Postgres => {
+                let base = postgres_url().expect("TEST_DATABASE_URL");
+                let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+                let admin = Database::connect(&base).await.expect("connect postgres");
+                admin
+                    .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
+                    .await
+                    .expect("create schema");
+                let sep = if base.contains('?') { '&' } else { '?' };
+                TestDb {
+                    url: format!("{base}{sep}options[search_path]={schema}"),
+                    _dir: None,
+                    pg_schema: Some((base, schema)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((base, schema)) = self.pg_schema.take() {
+            // Drop runs inside the test's runtime: clean up from a thread of
+            // its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    if let Ok(db) = Database::connect(&base).await {
+                        let _ = db
+                            .execute_unprepared(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+pub struct TestServer {
+    pub channel: Channel,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub db: TestDb,
+}
+
+impl TestServer {
+    pub async fn start(engine: Engine) -> Self {
+        Self::start_with(engine, |_| {}).await
+    }
+
+    pub async fn start_with(engine: Engine, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let db = TestDb::new(engine).await;
+        Self::start_on(db, tweak).await
+    }
+
+    pub async fn start_on(db: TestDb, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = Settings::for_database(db.url.clone());
+        settings.db_max_connections = 8;
+        tweak(&mut settings);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            user_service::app::serve(settings, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server failed");
+        });
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let server = TestServer {
+            channel,
+            shutdown: Some(tx),
+            task: Some(task),
+            db,
+        };
+        server.wait_serving().await;
+        server
+    }
+
+    /// The listener accepts at once; the service answers once migrations ran.
+    async fn wait_serving(&self) {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        for _ in 0..300 {
+            let req = tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            };
+            if let Ok(r) = health.check(req).await
+                && r.into_inner().status == 1
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("server did not become SERVING");
+    }
+
+    pub fn client(&self) -> UserServiceClient<Channel> {
+        UserServiceClient::new(self.channel.clone())
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) -> TestDb {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        std::mem::replace(
+            &mut self.db,
+            TestDb {
+                url: String::new(),
+                _dir: None,
+                pg_schema: None,
+            },
+        )
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub const PROJECT: &str = "projects/acme";
+
+/// A valid user with only an email.
+pub fn user(email: &str) -> User {
+    User {
+        email: email.to_owned(),
+        ..Default::default()
+    }
+}
+
+pub async fn create(c: &mut UserServiceClient<Channel>, u: User) -> User {
+    create_in(c, PROJECT, u).await
+}
+
+pub async fn create_in(c: &mut UserServiceClient<Channel>, parent: &str, u: User) -> User {
+    c.create_user(pb::CreateUserRequest {
+        parent: parent.to_owned(),
+        user: Some(u),
+        ..Default::default()
+    })
+    .await
+    .expect("create_user")
+    .into_inner()
+}
+
+pub async fn get(c: &mut UserServiceClient<Channel>, name: &str) -> Result<User, Status> {
+    c.get_user(pb::GetUserRequest {
+        name: name.to_owned(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// The ErrorInfo reason of an error status.
+pub fn reason(s: &Status) -> String {
+    let d = s.get_error_details();
+    let info = d.error_info().expect("every error carries an ErrorInfo");
+    assert_eq!(info.domain, "user-service");
+    info.reason.clone()
+}
+
+/// The fields named by the BadRequest of an error status, sorted.
+pub fn bad_fields(s: &Status) -> Vec<String> {
+    let d = s.get_error_details();
+    let mut f: Vec<String> = d
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    f.sort();
+    f
+}
+
+/// Asserts the code and reason of an error.
+#[track_caller]
+pub fn assert_error<T: std::fmt::Debug>(
+    r: Result<T, Status>,
+    code: Code,
+    want_reason: &str,
+) -> Status {
+    let s = r.expect_err("expected an error");
+    assert_eq!(s.code(), code, "status: {s:?}");
+    assert_eq!(reason(&s), want_reason, "status: {s:?}");
+    s
+}
+
+/// A timestamp as nanoseconds, for comparisons.
+pub fn nanos(t: &Option<prost_types::Timestamp>) -> i128 {
+    let t = t.as_ref().expect("timestamp set");
+    i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
+}

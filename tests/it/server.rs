@@ -1,0 +1,352 @@
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tonic::Code;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+use user_service::proto::users::v1 as pb;
+
+use crate::both_engines;
+use crate::harness::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_user-service");
+
+async fn health(s: &TestServer, service: &str) -> i32 {
+    HealthClient::new(s.channel.clone())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+async fn health_reports_overall_and_per_service(e: Engine) {
+    let s = TestServer::start(e).await;
+    assert_eq!(health(&s, "").await, ServingStatus::Serving as i32);
+    assert_eq!(
+        health(&s, "users.v1.UserService").await,
+        ServingStatus::Serving as i32
+    );
+    let unknown = HealthClient::new(s.channel.clone())
+        .check(HealthCheckRequest {
+            service: "nope.Service".into(),
+        })
+        .await;
+    assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
+}
+
+async fn reflection_v1_and_v1alpha_list_every_service(e: Engine) {
+    let s = TestServer::start(e).await;
+    let want = [
+        "users.v1.UserService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ];
+    {
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
+        let mut c = ServerReflectionClient::new(s.channel.clone());
+        let reqs = vec![
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            },
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::FileContainingSymbol(
+                    "users.v1.UserService".into(),
+                )),
+            },
+        ];
+        let mut stream = c
+            .server_reflection_info(tokio_stream::iter(reqs))
+            .await
+            .unwrap()
+            .into_inner();
+        let first: ServerReflectionResponse = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+            panic!("expected a service list")
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        for w in want {
+            assert!(names.iter().any(|n| n == w), "{w} missing from {names:?}");
+        }
+        let second = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(files)) = second.message_response else {
+            panic!("expected descriptors")
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut c = ServerReflectionClient::new(s.channel.clone());
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = c
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+            panic!("expected a service list")
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.iter().any(|n| n == "users.v1.UserService"),
+            "{names:?}"
+        );
+    }
+}
+
+async fn data_survives_a_restart(e: Engine) {
+    let s = TestServer::start(e).await;
+    let mut c = s.client();
+    let u = create(&mut c, user("durable@example.com")).await;
+    let db = s.stop().await;
+    let s2 = TestServer::start_on(db, |_| {}).await;
+    let mut c2 = s2.client();
+    assert_eq!(get(&mut c2, &u.name).await.unwrap(), u);
+}
+
+both_engines!(
+    health_reports_overall_and_per_service,
+    reflection_v1_and_v1alpha_list_every_service,
+    data_survives_a_restart,
+);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn healthcheck(addr: &str) -> bool {
+    Command::new(BIN)
+        .args(["healthcheck", "--addr", addr, "--timeout", "2s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The binary as an operator runs it: JSON logs with one line per RPC that
+/// carries method, project and code but no personal data; the healthcheck
+/// subcommand; a clean exit on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_logs_without_personal_data_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(BIN)
+        .current_dir(dir.path())
+        .env("USER_SERVICE_LISTEN", &addr)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .args(["--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !healthcheck(&addr) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never became healthy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The embedded default: a SQLite file in the working directory.
+    assert!(dir.path().join("user-service.db").exists());
+
+    let mut c = pb::user_service_client::UserServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    c.create_user(pb::CreateUserRequest {
+        parent: "projects/logco".into(),
+        user: Some(pb::User {
+            email: "secret.person@example.com".into(),
+            phone_number: "+4741234567".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let _ = c
+        .get_user(pb::GetUserRequest {
+            name: "projects/logco/users/missing".into(),
+        })
+        .await;
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !logs.contains("secret.person"),
+        "email leaked into logs:\n{logs}"
+    );
+    assert!(
+        !logs.contains("41234567"),
+        "phone leaked into logs:\n{logs}"
+    );
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    let rpc = |method: &str, code: &str| {
+        lines.iter().any(|l| {
+            l["fields"]["message"] == "rpc finished"
+                && l["fields"]["code"] == code
+                && l["fields"]["latency_ms"].is_number()
+                && l["span"]["method"] == method
+                && l["span"]["project"] == "logco"
+        })
+    };
+    assert!(rpc("/users.v1.UserService/CreateUser", "Ok"), "{logs}");
+    assert!(rpc("/users.v1.UserService/GetUser", "NotFound"), "{logs}");
+    assert!(
+        !healthcheck(&addr),
+        "healthcheck must fail once the server is gone"
+    );
+}
+
+#[test]
+fn migrate_subcommand_and_help() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/m.db?mode=rwc", dir.path().display());
+    let st = Command::new(BIN)
+        .args(["migrate", "--database-url", &url])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(dir.path().join("m.db").exists());
+    // Twice is fine.
+    assert!(
+        Command::new(BIN)
+            .args(["migrate", "--database-url", &url])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--listen",
+        "--database-url",
+        "DATABASE_URL",
+        "USER_SERVICE_LISTEN",
+        "healthcheck",
+        "migrate",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
+    }
+    // A bad database URL fails loudly.
+    let bad = Command::new(BIN)
+        .args(["migrate", "--database-url", "nope://x"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+/// A TCP proxy in front of PostgreSQL that the test can cut and restore.
+struct Proxy {
+    port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn start(port: u16, upstream: String) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    break;
+                };
+                let upstream = upstream.clone();
+                conns.spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            task: Some(task),
+        }
+    }
+
+    /// Closes the listener and every proxied connection.
+    async fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+async fn wait_health(s: &TestServer, want: ServingStatus) {
+    let start = Instant::now();
+    while health(s, "").await != want as i32
+        || health(s, "users.v1.UserService").await != want as i32
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "health never became {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_database_and_rpcs_say_unavailable() {
+    let Some(_) = postgres_url() else { return };
+    let mut db = TestDb::new(Engine::Postgres).await;
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let mut proxy = Proxy::start(0, upstream.clone()).await;
+    url.set_port(Some(proxy.port)).unwrap();
+    db.url = url.to_string();
+    let s = TestServer::start_on(db, |st| st.health_interval = Duration::from_millis(100)).await;
+    let mut c = s.client();
+    let u = create(&mut c, user("outage@example.com")).await;
+
+    proxy.cut().await;
+    wait_health(&s, ServingStatus::NotServing).await;
+    let st = get(&mut c, &u.name).await.expect_err("database is down");
+    assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+    assert_eq!(reason(&st), "DATABASE_UNAVAILABLE");
+    assert!(
+        !st.message().contains("127.0.0.1"),
+        "internal details leaked: {st:?}"
+    );
+
+    let _back = Proxy::start(proxy.port, upstream).await;
+    wait_health(&s, ServingStatus::Serving).await;
+    assert_eq!(get(&mut c, &u.name).await.unwrap(), u);
+}
