@@ -504,7 +504,7 @@ pub fn parse_mask(paths: &[String], v: &mut Violations) -> Vec<FieldPath> {
             }
             continue;
         }
-        match Field::from_path(p) {
+        match Field::from_path(p).or_else(|| Field::from_path(&snake_case(p))) {
             Some(f) => out.push(FieldPath::Whole(f)),
             None if OUTPUT_ONLY_PATHS.contains(&p) => {
                 v.push(at(), format!("`{p}` is output only and cannot be updated"))
@@ -513,6 +513,20 @@ pub fn parse_mask(paths: &[String], v: &mut Violations) -> Vec<FieldPath> {
                 at(),
                 format!("`{p}` is not a field of User that can be updated"),
             ),
+        }
+    }
+    out
+}
+
+/// `displayName` to `display_name`: JSON clients send lowerCamelCase paths.
+fn snake_case(p: &str) -> String {
+    let mut out = String::with_capacity(p.len() + 4);
+    for c in p.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
         }
     }
     out
@@ -588,6 +602,7 @@ mod tests {
                 "display_name".into(),
                 "metadata.plan".into(),
                 "metadata.`a.b`".into(),
+                "lastLoginTime".into(),
             ],
             &mut v,
         );
@@ -598,6 +613,7 @@ mod tests {
                 FieldPath::Whole(Field::DisplayName),
                 FieldPath::MetadataKey("plan".into()),
                 FieldPath::MetadataKey("a.b".into()),
+                FieldPath::Whole(Field::LastLoginTime),
             ]
         );
         let mut v = Violations::default();

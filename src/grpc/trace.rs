@@ -43,9 +43,9 @@ where
         // Probes and reflection are frequent and boring: debug level.
         let quiet = method.starts_with("/grpc.");
         let span = if quiet {
-            tracing::debug_span!("rpc", method = %method, project = Empty)
+            tracing::debug_span!("rpc", method = %method, project = Empty, code = Empty, latency_ms = Empty)
         } else {
-            tracing::info_span!("rpc", method = %method, project = Empty)
+            tracing::info_span!("rpc", method = %method, project = Empty, code = Empty, latency_ms = Empty)
         };
         let inner = {
             let _entered = span.enter();
@@ -94,6 +94,8 @@ where
             Err(_) => tonic::Code::Internal,
         };
         let code = format!("{code:?}");
+        this.span.record("code", code.as_str());
+        this.span.record("latency_ms", latency_ms);
         if *this.quiet {
             tracing::event!(Level::DEBUG, code, latency_ms, "rpc finished");
         } else {
