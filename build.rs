@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps with a stable order: the request fingerprint used for idempotency
         // keys hashes the encoded request, which must not depend on hash order.
         .btree_map(".")
+        // Malformed requests are INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::grpc::codec::StrictProstCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The UserService implementation: decode, call the domain, encode. No SQL and
 //! no business rules here.
 
+pub mod codec;
 pub mod convert;
 pub mod status;
 pub mod trace;

@@ -9,3 +9,4 @@ mod lifecycle;
 mod read;
 mod server;
 mod update;
+mod wire;
