@@ -1,16 +1,16 @@
 //! sea-orm persistence: connecting, migrating, and the repository.
 
+mod batch;
 mod entity;
 
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
-use sea_orm::sea_query::OnConflict;
 use sea_orm::sqlx;
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database,
-    DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, RuntimeErr,
-    SqlErr, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
+    DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, RuntimeErr, SqlErr,
+    TransactionTrait,
 };
 use tracing::{error, instrument, warn};
 
@@ -19,6 +19,7 @@ use crate::domain::{
     Identity, Locale, PhoneNumber, PictureUri, Profile, ProjectId, State, Timestamp, User, UserId,
     UserRepository, Username,
 };
+use batch::Batcher;
 use entity::{request_ids, users};
 
 /// How long an idempotency key is remembered.
@@ -33,6 +34,9 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5))
         .sqlx_logging(false)
+        // A ping before every checkout costs a round trip per query; a dead
+        // connection shows up as an error on use instead, and the pool drops it.
+        .test_before_acquire(false)
         .map_sqlx_sqlite_opts(|o| {
             o.create_if_missing(true)
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
@@ -61,99 +65,111 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
 #[derive(Clone)]
 pub struct SeaOrmRepository {
     db: DatabaseConnection,
+    creates: Batcher,
 }
 
 impl SeaOrmRepository {
+    /// Wraps a pool; starts the group-commit writers for CreateUser (must run
+    /// inside a tokio runtime).
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
-    }
-
-    async fn find_request_model(
-        &self,
-        project: &str,
-        request_id: &str,
-    ) -> Result<Option<(String, User)>, DomainError> {
-        let found = request_ids::Entity::find_by_id((project.to_owned(), request_id.to_owned()))
-            .one(&self.db)
-            .await
-            .map_err(db_error)?;
-        let Some(rec) = found else { return Ok(None) };
-        let model: users::Model = serde_json::from_str(&rec.response)
-            .map_err(|e| DomainError::Internal(format!("stored response unreadable: {e}")))?;
-        Ok(Some((rec.fingerprint, from_model(model)?)))
-    }
-
-    /// The identifier of `user` that another row holds, by a fixed priority
-    /// (email, phone number, username, external id, name) so that both engines
-    /// report the same one. `with_name`: whether a row with the same name counts.
-    async fn first_conflict(
-        &self,
-        user: &User,
-        with_name: bool,
-    ) -> Result<Option<Identifier>, DomainError> {
-        let p = &user.profile;
-        let mut live = sea_orm::Condition::any();
-        if let Some(e) = &p.email {
-            live = live.add(users::Column::EmailKey.eq(e.key()));
-        }
-        if let Some(v) = &p.phone_number {
-            live = live.add(users::Column::PhoneNumber.eq(v.as_str()));
-        }
-        if let Some(v) = &p.username {
-            live = live.add(users::Column::Username.eq(v.as_str()));
-        }
-        if let Some(v) = &p.external_id {
-            live = live.add(users::Column::ExternalId.eq(v.as_str()));
-        }
-        let live = sea_orm::Condition::all()
-            .add(users::Column::DeleteTime.is_null())
-            .add(live);
-        let cond = if with_name {
-            sea_orm::Condition::any()
-                .add(users::Column::UserId.eq(user.id.as_str()))
-                .add(live)
-        } else {
-            live.add(users::Column::UserId.ne(user.id.as_str()))
+        let writers = match db.get_database_backend() {
+            DatabaseBackend::Postgres => 4,
+            _ => 1,
         };
-        let rows = users::Entity::find()
-            .filter(users::Column::Project.eq(user.project.as_str()))
-            .filter(cond)
-            .limit(5)
-            .all(&self.db)
-            .await
-            .map_err(db_error)?;
-        let classify = |row: &users::Model| {
-            if row.user_id == user.id.as_str() {
-                Identifier::Name
-            } else if row.email_key.is_some() && p.email.as_ref().map(Email::key) == row.email_key {
-                Identifier::Email
-            } else if row.phone_number.is_some()
-                && p.phone_number.as_ref().map(|v| v.as_str()) == row.phone_number.as_deref()
-            {
-                Identifier::PhoneNumber
-            } else if row.username.is_some()
-                && p.username.as_ref().map(|v| v.as_str()) == row.username.as_deref()
-            {
-                Identifier::Username
-            } else {
-                Identifier::ExternalId
-            }
-        };
-        // Report the same identifier an insert would trip over first.
-        Ok(rows.iter().map(classify).min_by_key(|i| *i as u8))
+        let creates = Batcher::start(db.clone(), writers);
+        Self { db, creates }
     }
 }
 
-impl SeaOrmRepository {
-    /// A unique violation names whichever index the engine checked first;
-    /// re-reads to name the conflict by the fixed priority instead.
-    async fn explain(&self, user: &User, with_name: bool, e: DomainError) -> DomainError {
-        if let DomainError::AlreadyExists(fallback) = e {
-            let taken = self.first_conflict(user, with_name).await.ok().flatten();
-            DomainError::AlreadyExists(taken.unwrap_or(fallback))
+/// The result stored under an idempotency key.
+pub(crate) async fn find_request<C: ConnectionTrait>(
+    conn: &C,
+    project: &str,
+    request_id: &str,
+) -> Result<Option<(String, User)>, DomainError> {
+    let found = request_ids::Entity::find_by_id((project.to_owned(), request_id.to_owned()))
+        .one(conn)
+        .await
+        .map_err(db_error)?;
+    let Some(rec) = found else { return Ok(None) };
+    let model: users::Model = serde_json::from_str(&rec.response)
+        .map_err(|e| DomainError::Internal(format!("stored response unreadable: {e}")))?;
+    Ok(Some((rec.fingerprint, from_model(model)?)))
+}
+
+/// The identifier of `user` that another row holds, by a fixed priority
+/// (email, phone number, username, external id, name) so that both engines
+/// report the same one. `with_name`: whether a row with the same name counts.
+async fn first_conflict<C: ConnectionTrait>(
+    conn: &C,
+    user: &User,
+    with_name: bool,
+) -> Result<Option<Identifier>, DomainError> {
+    let p = &user.profile;
+    let mut live = sea_orm::Condition::any();
+    if let Some(e) = &p.email {
+        live = live.add(users::Column::EmailKey.eq(e.key()));
+    }
+    if let Some(v) = &p.phone_number {
+        live = live.add(users::Column::PhoneNumber.eq(v.as_str()));
+    }
+    if let Some(v) = &p.username {
+        live = live.add(users::Column::Username.eq(v.as_str()));
+    }
+    if let Some(v) = &p.external_id {
+        live = live.add(users::Column::ExternalId.eq(v.as_str()));
+    }
+    let live = sea_orm::Condition::all()
+        .add(users::Column::DeleteTime.is_null())
+        .add(live);
+    let cond = if with_name {
+        sea_orm::Condition::any()
+            .add(users::Column::UserId.eq(user.id.as_str()))
+            .add(live)
+    } else {
+        live.add(users::Column::UserId.ne(user.id.as_str()))
+    };
+    let rows = users::Entity::find()
+        .filter(users::Column::Project.eq(user.project.as_str()))
+        .filter(cond)
+        .limit(5)
+        .all(conn)
+        .await
+        .map_err(db_error)?;
+    let classify = |row: &users::Model| {
+        if row.user_id == user.id.as_str() {
+            Identifier::Name
+        } else if row.email_key.is_some() && p.email.as_ref().map(Email::key) == row.email_key {
+            Identifier::Email
+        } else if row.phone_number.is_some()
+            && p.phone_number.as_ref().map(|v| v.as_str()) == row.phone_number.as_deref()
+        {
+            Identifier::PhoneNumber
+        } else if row.username.is_some()
+            && p.username.as_ref().map(|v| v.as_str()) == row.username.as_deref()
+        {
+            Identifier::Username
         } else {
-            e
+            Identifier::ExternalId
         }
+    };
+    // Report the same identifier an insert would trip over first.
+    Ok(rows.iter().map(classify).min_by_key(|i| *i as u8))
+}
+
+/// A unique violation names whichever index the engine checked first;
+/// re-reads to name the conflict by the fixed priority instead.
+pub(crate) async fn explain<C: ConnectionTrait>(
+    conn: &C,
+    user: &User,
+    with_name: bool,
+    e: DomainError,
+) -> DomainError {
+    if let DomainError::AlreadyExists(fallback) = e {
+        let taken = first_conflict(conn, user, with_name).await.ok().flatten();
+        DomainError::AlreadyExists(taken.unwrap_or(fallback))
+    } else {
+        e
     }
 }
 
@@ -164,54 +180,7 @@ impl UserRepository for SeaOrmRepository {
         user: &User,
         key: Option<&IdempotencyKey>,
     ) -> Result<Created, DomainError> {
-        let model = to_model(user)?;
-        let txn = self.db.begin().await.map_err(db_error)?;
-        if let Some(key) = key {
-            // The key goes in first: a concurrent twin blocks on it and then
-            // replays this request instead of tripping over its email.
-            let rec = request_ids::ActiveModel {
-                project: Set(model.project.clone()),
-                request_id: Set(key.request_id.clone()),
-                fingerprint: Set(key.fingerprint.clone()),
-                user_id: Set(model.user_id.clone()),
-                response: Set(serde_json::to_string(&model)
-                    .map_err(|e| DomainError::Internal(e.to_string()))?),
-                create_time: Set(user.create_time.nanos()),
-            };
-            let inserted = request_ids::Entity::insert(rec)
-                .on_conflict(
-                    OnConflict::columns([
-                        request_ids::Column::Project,
-                        request_ids::Column::RequestId,
-                    ])
-                    .do_nothing()
-                    .to_owned(),
-                )
-                .exec_without_returning(&txn)
-                .await
-                .map_err(db_error)?;
-            if inserted == 0 {
-                txn.rollback().await.map_err(db_error)?;
-                return match self
-                    .find_request_model(user.project.as_str(), &key.request_id)
-                    .await?
-                {
-                    Some((fingerprint, user)) => Ok(Created::Earlier { fingerprint, user }),
-                    None => Err(DomainError::Unavailable(
-                        "idempotency key vanished while in use; retry".into(),
-                    )),
-                };
-            }
-        }
-        let inserted = users::Entity::insert(users::ActiveModel::from(model))
-            .exec_without_returning(&txn)
-            .await;
-        if let Err(e) = inserted {
-            txn.rollback().await.map_err(db_error)?;
-            return Err(self.explain(user, true, db_error(e)).await);
-        }
-        txn.commit().await.map_err(db_error)?;
-        Ok(Created::New(user.clone()))
+        self.creates.submit(user.clone(), key.cloned()).await
     }
 
     async fn find_request(
@@ -219,12 +188,12 @@ impl UserRepository for SeaOrmRepository {
         project: &ProjectId,
         request_id: &str,
     ) -> Result<Option<(String, User)>, DomainError> {
-        self.find_request_model(project.as_str(), request_id).await
+        find_request(&self.db, project.as_str(), request_id).await
     }
 
     #[instrument(skip_all, fields(project = %user.project))]
     async fn check_available(&self, user: &User) -> Result<(), DomainError> {
-        match self.first_conflict(user, true).await? {
+        match first_conflict(&self.db, user, true).await? {
             Some(taken) => Err(DomainError::AlreadyExists(taken)),
             None => Ok(()),
         }
@@ -279,7 +248,7 @@ impl UserRepository for SeaOrmRepository {
             .await;
         match res {
             Ok(res) => Ok(res.rows_affected == 1),
-            Err(e) => Err(self.explain(user, false, db_error(e)).await),
+            Err(e) => Err(explain(&self.db, user, false, db_error(e)).await),
         }
     }
 
@@ -343,7 +312,7 @@ impl UserRepository for SeaOrmRepository {
 /// Maps a database error to the domain: constraint violations become conflicts,
 /// lost connections become Unavailable, the rest is internal (and logged here,
 /// since the client only sees a generic message).
-fn db_error(e: DbErr) -> DomainError {
+pub(crate) fn db_error(e: DbErr) -> DomainError {
     if let Some(SqlErr::UniqueConstraintViolation(msg)) = e.sql_err() {
         return DomainError::AlreadyExists(identifier_of_constraint(&msg));
     }
@@ -400,7 +369,7 @@ fn unjson<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, DomainError> {
         .map_err(|e| DomainError::Internal(format!("stored row unreadable: {e}")))
 }
 
-fn to_model(u: &User) -> Result<users::Model, DomainError> {
+pub(crate) fn to_model(u: &User) -> Result<users::Model, DomainError> {
     let p = &u.profile;
     let strs = |v: &[String]| json(&v);
     Ok(users::Model {

@@ -493,7 +493,81 @@ async fn validate_only_stores_nothing(e: Engine) {
     assert_error(bad, Code::InvalidArgument, "INVALID_ARGUMENT");
 }
 
+/// A burst of creates is committed in batches; conflicts inside one batch must
+/// still fail only their own request, and every success must be stored.
+async fn burst_of_creates_with_collisions_keeps_every_rule(e: Engine) {
+    let s = TestServer::start(e).await;
+    let mut tasks = Vec::new();
+    for i in 0..96u32 {
+        let mut c = s.client();
+        tasks.push(tokio::spawn(async move {
+            // Pairs share an email; every eighth request also reuses a username.
+            let u = User {
+                email: format!("burst{}@example.com", i / 2),
+                username: if i % 8 == 0 {
+                    "burst-shared".into()
+                } else {
+                    String::new()
+                },
+                ..Default::default()
+            };
+            let request_id = if i % 3 == 0 {
+                format!("burst-key-{i}")
+            } else {
+                String::new()
+            };
+            (
+                i,
+                c.create_user(pb::CreateUserRequest {
+                    parent: PROJECT.into(),
+                    user: Some(u),
+                    request_id,
+                    ..Default::default()
+                })
+                .await,
+            )
+        }));
+    }
+    let mut created = Vec::new();
+    let mut emails_won = std::collections::HashSet::new();
+    let mut username_winners = 0;
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        match r {
+            Ok(u) => {
+                let u = u.into_inner();
+                assert!(
+                    emails_won.insert(u.email.clone()),
+                    "two winners for {}",
+                    u.email
+                );
+                if i % 8 == 0 {
+                    username_winners += 1;
+                }
+                created.push(u);
+            }
+            Err(st) => {
+                assert_eq!(st.code(), Code::AlreadyExists, "{st:?}");
+                let why = reason(&st);
+                assert!(
+                    why == "EMAIL_ALREADY_EXISTS" || why == "USERNAME_ALREADY_EXISTS",
+                    "{why}"
+                );
+            }
+        }
+    }
+    assert_eq!(username_winners, 1, "one user owns the shared username");
+    // Every pair has exactly one winner: when the even member loses the
+    // username race, the odd one gets the email.
+    assert_eq!(created.len(), 48);
+    let mut c = s.client();
+    for u in created {
+        assert_eq!(get(&mut c, &u.name).await.unwrap(), u);
+    }
+}
+
 both_engines!(
+    burst_of_creates_with_collisions_keeps_every_rule,
     create_normalises_and_returns_the_stored_user,
     create_needs_email_or_phone,
     create_reports_every_violation_at_once,

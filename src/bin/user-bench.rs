@@ -1,0 +1,667 @@
+//! user-bench: a load generator for user-service.
+//!
+//! It starts the server itself (a child process on a temporary SQLite file, or
+//! on `--database-url`) or drives one at `--target`, seeds users, and runs
+//! scenarios over N HTTP/2 connections with M requests in flight on each. The
+//! `ceiling` scenario drives a trivial UserService (GetUser returns a fixed
+//! user, no database) in a child process of its own, with the same harness:
+//! the framework's limit on this machine, which the other figures are divided by.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use user_service::proto::users::v1 as pb;
+use user_service::proto::users::v1::user_service_client::UserServiceClient;
+use user_service::proto::users::v1::user_service_server::{UserService, UserServiceServer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+enum Scenario {
+    /// GetUser by name of a random seeded user.
+    Get,
+    /// LookupUser by the email of a random seeded user.
+    Lookup,
+    /// CreateUser with a fresh email each time.
+    Create,
+    /// UpdateUser of a random seeded user (display_name and one metadata key).
+    Update,
+    /// GetUser against a trivial in-memory UserService: the framework's limit.
+    Ceiling,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "user-bench",
+    about = "Load generator for user-service",
+    version
+)]
+struct Args {
+    /// Scenarios to run, in order, comma-separated.
+    #[arg(
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ceiling,get,lookup,create,update"
+    )]
+    scenarios: Vec<Scenario>,
+
+    /// Drive a running server at this address instead of starting one.
+    #[arg(long)]
+    target: Option<String>,
+
+    /// Database of the self-hosted server (default: a temporary SQLite file).
+    #[arg(long, env = "BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+
+    /// Users to seed before the scenarios run.
+    #[arg(long, default_value_t = 100_000)]
+    users: usize,
+
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 32)]
+    in_flight: usize,
+
+    /// Measured time per scenario.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+
+    /// Unmeasured load before each scenario.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+
+    /// The user-service binary to self-host (default: next to this one).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+
+    /// Internal: serve the ceiling UserService on this address.
+    #[arg(long, hide = true)]
+    serve_ceiling: Option<SocketAddr>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Some(addr) = args.serve_ceiling {
+        return match serve_ceiling(addr).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ceiling server: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    match run(args).await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("user-bench: some requests failed");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("user-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A server process this run started; killed on drop.
+struct ServerProcess {
+    child: Child,
+    addr: String,
+}
+
+impl ServerProcess {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> Result<String, BoxError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+/// `/proc/<pid>/status` field in KiB.
+fn proc_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Resets the peak RSS of a process (Linux: writing 5 to clear_refs).
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+async fn connect(addr: &str) -> Result<Channel, BoxError> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+/// Polls health until SERVING; returns how long it took since `since`.
+async fn wait_serving(addr: &str, since: Instant) -> Result<Duration, BoxError> {
+    loop {
+        if let Ok(ch) = connect(addr).await {
+            let mut h = HealthClient::new(ch);
+            if let Ok(r) = h
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                && r.into_inner().status == 1
+            {
+                return Ok(since.elapsed());
+            }
+        }
+        if since.elapsed() > Duration::from_secs(60) {
+            return Err("server did not become SERVING within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn spawn_server(bin: &PathBuf, dir: &std::path::Path, db: &str) -> Result<ServerProcess, BoxError> {
+    let addr = free_addr()?;
+    let child = Command::new(bin)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .args(["serve", "--listen", &addr, "--database-url", db])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    Ok(ServerProcess { child, addr })
+}
+
+fn spawn_ceiling() -> Result<ServerProcess, BoxError> {
+    let addr = free_addr()?;
+    let child = Command::new(std::env::current_exe()?)
+        .args(["--serve-ceiling", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    Ok(ServerProcess { child, addr })
+}
+
+#[derive(Default)]
+struct Stats {
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    hist: Option<Histogram<u64>>,
+    elapsed: Duration,
+}
+
+impl Stats {
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn quantile_ms(&self, q: f64) -> f64 {
+        self.hist
+            .as_ref()
+            .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
+            .unwrap_or_default()
+    }
+}
+
+/// The seeded population.
+struct Seeded {
+    names: Vec<String>,
+    emails: Vec<String>,
+}
+
+fn seed_user(run: &str, i: u64) -> pb::User {
+    pb::User {
+        email: format!("user{i}.{run}@bench.example.com"),
+        display_name: format!("Bench User {i}"),
+        given_name: "Bench".into(),
+        family_name: format!("User{i}"),
+        tags: vec!["bench".into(), format!("cohort-{}", i % 10)],
+        metadata: [("plan".to_string(), "pro".to_string())].into(),
+        ..Default::default()
+    }
+}
+
+const PROJECT: &str = "projects/bench";
+
+/// Runs `op` from `connections x in_flight` workers: `warmup` unmeasured, then
+/// `duration` measured.
+async fn load<F, Fut>(channels: &[Channel], args: &Args, op: F) -> Stats
+where
+    F: Fn(UserServiceClient<Channel>, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), Status>> + Send,
+{
+    let start = Instant::now();
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    let seq = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for ch in channels {
+        for _ in 0..args.in_flight {
+            let client =
+                UserServiceClient::new(ch.clone()).max_decoding_message_size(16 * 1024 * 1024);
+            let op = op.clone();
+            let seq = seq.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("hist");
+                let mut ok = 0u64;
+                let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+                loop {
+                    let t0 = Instant::now();
+                    if t0 >= end {
+                        break;
+                    }
+                    let n = seq.fetch_add(1, Ordering::Relaxed);
+                    let r = op(client.clone(), n).await;
+                    let t1 = Instant::now();
+                    if t0 >= measure_from && t1 <= end {
+                        match r {
+                            Ok(()) => {
+                                ok += 1;
+                                let _ = hist.record((t1 - t0).as_micros() as u64);
+                            }
+                            Err(s) => *errors.entry(format!("{:?}", s.code())).or_default() += 1,
+                        }
+                    } else if let Err(s) = r {
+                        *errors.entry(format!("{:?}", s.code())).or_default() += 1;
+                    }
+                }
+                (ok, errors, hist)
+            }));
+        }
+    }
+    let mut stats = Stats {
+        elapsed: args.duration,
+        ..Default::default()
+    };
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("hist");
+    for t in tasks {
+        if let Ok((ok, errors, h)) = t.await {
+            stats.ok += ok;
+            for (k, v) in errors {
+                *stats.errors.entry(k).or_default() += v;
+            }
+            let _ = hist.add(h);
+        }
+    }
+    stats.hist = Some(hist);
+    stats
+}
+
+async fn seed(channels: &[Channel], args: &Args, run: &str) -> Result<Seeded, BoxError> {
+    let total = args.users as u64;
+    let next = Arc::new(AtomicU64::new(0));
+    let workers = channels.len() * args.in_flight;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let client = UserServiceClient::new(channels[w % channels.len()].clone());
+        let next = next.clone();
+        let run = run.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let u = client
+                    .clone()
+                    .create_user(pb::CreateUserRequest {
+                        parent: PROJECT.into(),
+                        user: Some(seed_user(&run, i)),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                out.push((u.name, u.email));
+            }
+            Ok::<_, Status>(out)
+        }));
+    }
+    let mut seeded = Seeded {
+        names: Vec::with_capacity(args.users),
+        emails: Vec::with_capacity(args.users),
+    };
+    for t in tasks {
+        for (n, e) in t.await?? {
+            seeded.names.push(n);
+            seeded.emails.push(e);
+        }
+    }
+    Ok(seeded)
+}
+
+async fn run_scenario(
+    s: Scenario,
+    channels: &[Channel],
+    args: &Args,
+    seeded: &Arc<Seeded>,
+    run: &str,
+) -> Stats {
+    match s {
+        Scenario::Get | Scenario::Ceiling => {
+            let seeded = seeded.clone();
+            load(channels, args, move |mut c, _| {
+                let name = if seeded.names.is_empty() {
+                    format!("{PROJECT}/users/ceiling")
+                } else {
+                    seeded.names[fastrand::usize(..seeded.names.len())].clone()
+                };
+                async move { c.get_user(pb::GetUserRequest { name }).await.map(drop) }
+            })
+            .await
+        }
+        Scenario::Lookup => {
+            let seeded = seeded.clone();
+            load(channels, args, move |mut c, _| {
+                let email = seeded.emails[fastrand::usize(..seeded.emails.len())].clone();
+                async move {
+                    c.lookup_user(pb::LookupUserRequest {
+                        parent: PROJECT.into(),
+                        identifier: Some(pb::lookup_user_request::Identifier::Email(email)),
+                    })
+                    .await
+                    .map(drop)
+                }
+            })
+            .await
+        }
+        Scenario::Create => {
+            let run = run.to_owned();
+            load(channels, args, move |mut c, n| {
+                let user = pb::User {
+                    email: format!("new{n}.{run}@bench.example.com"),
+                    ..seed_user(&run, n)
+                };
+                async move {
+                    c.create_user(pb::CreateUserRequest {
+                        parent: PROJECT.into(),
+                        user: Some(user),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+                }
+            })
+            .await
+        }
+        Scenario::Update => {
+            let seeded = seeded.clone();
+            load(channels, args, move |mut c, n| {
+                let name = seeded.names[fastrand::usize(..seeded.names.len())].clone();
+                async move {
+                    c.update_user(pb::UpdateUserRequest {
+                        user: Some(pb::User {
+                            name,
+                            display_name: format!("Renamed {n}"),
+                            metadata: [("seen".to_string(), n.to_string())].into(),
+                            ..Default::default()
+                        }),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["display_name".into(), "metadata.seen".into()],
+                        }),
+                    })
+                    .await
+                    .map(drop)
+                }
+            })
+            .await
+        }
+    }
+}
+
+async fn channels_to(addr: &str, n: usize) -> Result<Vec<Channel>, BoxError> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(connect(addr).await?);
+    }
+    Ok(v)
+}
+
+async fn run(args: Args) -> Result<bool, BoxError> {
+    let run_id = format!("{:x}", fastrand::u64(..));
+    let dir = tempfile::tempdir()?;
+    let db_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()));
+    let engine = if db_url.starts_with("postgres") {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let bin = match &args.server_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .ok_or("no parent dir")?
+            .join("user-service"),
+    };
+
+    let mut server: Option<ServerProcess> = None;
+    let target = match &args.target {
+        Some(t) => t.trim_start_matches("http://").to_owned(),
+        None => {
+            let started = Instant::now();
+            let s = spawn_server(&bin, dir.path(), &db_url)?;
+            let ready = wait_serving(&s.addr, started).await?;
+            println!(
+                "server: {engine}, first start to SERVING {:.0} ms, idle RSS {}",
+                ready.as_secs_f64() * 1000.0,
+                mib(proc_kib(s.pid(), "VmRSS:"))
+            );
+            let addr = s.addr.clone();
+            server = Some(s);
+            addr
+        }
+    };
+    println!(
+        "load: {} connections x {} in flight, {:?} measured after {:?} warm-up per scenario",
+        args.connections, args.in_flight, args.duration, args.warmup
+    );
+
+    let needs_seed = args.scenarios.iter().any(|s| *s != Scenario::Ceiling);
+    let mut seeded = Seeded {
+        names: Vec::new(),
+        emails: Vec::new(),
+    };
+    if needs_seed && args.users > 0 {
+        let channels = channels_to(&target, args.connections).await?;
+        let t0 = Instant::now();
+        seeded = seed(&channels, &args, &run_id).await?;
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "seeded {} users in {:.1} s ({:.0} creates/s)",
+            seeded.names.len(),
+            secs,
+            seeded.names.len() as f64 / secs
+        );
+        // Restart on the now populated database: start-up time and idle
+        // memory on an existing file.
+        if let Some(s) = server.as_mut() {
+            s.stop();
+            let started = Instant::now();
+            let s2 = spawn_server(&bin, dir.path(), &db_url)?;
+            let ready = wait_serving(&s2.addr, started).await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            println!(
+                "restart on the seeded database: start to SERVING {:.0} ms, idle RSS {}",
+                ready.as_secs_f64() * 1000.0,
+                mib(proc_kib(s2.pid(), "VmRSS:"))
+            );
+            server = Some(s2);
+        }
+    }
+    let seeded = Arc::new(seeded);
+    let target = server.as_ref().map(|s| s.addr.clone()).unwrap_or(target);
+
+    let mut results: Vec<(Scenario, Stats, Option<u64>)> = Vec::new();
+    let mut all_ok = true;
+    for &s in &args.scenarios {
+        let (addr, pid, _ceiling) = if s == Scenario::Ceiling {
+            let c = spawn_ceiling()?;
+            wait_serving(&c.addr, Instant::now()).await?;
+            (c.addr.clone(), Some(c.pid()), Some(c))
+        } else {
+            (target.clone(), server.as_ref().map(|s| s.pid()), None)
+        };
+        if let Some(pid) = pid {
+            reset_peak(pid);
+        }
+        let channels = channels_to(&addr, args.connections).await?;
+        let stats = run_scenario(s, &channels, &args, &seeded, &run_id).await;
+        let peak = pid.and_then(|p| proc_kib(p, "VmHWM:"));
+        let errors = if stats.errors.is_empty() {
+            "none".to_string()
+        } else {
+            all_ok = false;
+            format!("{:?}", stats.errors)
+        };
+        println!(
+            "{:<8} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p99.9 {:>6.2} ms  server peak RSS {:>9}  errors: {}",
+            format!("{s:?}").to_lowercase(),
+            stats.rps(),
+            stats.quantile_ms(0.50),
+            stats.quantile_ms(0.99),
+            stats.quantile_ms(0.999),
+            mib(peak),
+            errors
+        );
+        results.push((s, stats, peak));
+    }
+
+    if let Some((_, ceiling, _)) = results.iter().find(|(s, _, _)| *s == Scenario::Ceiling) {
+        let c = ceiling.rps();
+        println!("\nratios to the ceiling of this run ({c:.0} req/s), {engine}:");
+        for (s, st, _) in &results {
+            if *s != Scenario::Ceiling {
+                println!(
+                    "  {:<8} {:.2}x",
+                    format!("{s:?}").to_lowercase(),
+                    st.rps() / c
+                );
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
+/// The trivial UserService of the ceiling scenario.
+struct Ceiling {
+    user: pb::User,
+}
+
+#[tonic::async_trait]
+impl UserService for Ceiling {
+    async fn create_user(
+        &self,
+        _: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+    async fn get_user(&self, _: Request<pb::GetUserRequest>) -> Result<Response<pb::User>, Status> {
+        Ok(Response::new(self.user.clone()))
+    }
+    async fn lookup_user(
+        &self,
+        _: Request<pb::LookupUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        Ok(Response::new(self.user.clone()))
+    }
+    async fn update_user(
+        &self,
+        _: Request<pb::UpdateUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+    async fn delete_user(
+        &self,
+        _: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+    async fn undelete_user(
+        &self,
+        _: Request<pb::UndeleteUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+    async fn activate_user(
+        &self,
+        _: Request<pb::ActivateUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+    async fn disable_user(
+        &self,
+        _: Request<pb::DisableUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+}
+
+async fn serve_ceiling(addr: SocketAddr) -> Result<(), BoxError> {
+    let now = prost_types::Timestamp {
+        seconds: 1_790_000_000,
+        nanos: 0,
+    };
+    // The same shape as a seeded user, as the real server returns it.
+    let user = pb::User {
+        name: format!("{PROJECT}/users/01a2035c-f346-738c-b769-93a19fd1d5e6"),
+        state: pb::user::State::Active as i32,
+        create_time: Some(now),
+        update_time: Some(now),
+        etag: "W/\"1-18ea5fd10f106e34\"".into(),
+        ..seed_user("ceiling", 12345)
+    };
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(UserServiceServer::new(Ceiling { user }))
+        .serve(addr)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! Group commit for CreateUser: concurrent creates are queued to writer tasks
+//! that store up to `MAX_BATCH` users in one transaction (one multi-row INSERT
+//! when nothing conflicts), so a burst of sign-ups costs one commit per batch
+//! instead of one per user. Every constraint still holds: a unique violation
+//! inside a batch is isolated with savepoints and reported to its own caller
+//! only, and a batch that fails as a whole is retried one user at a time.
+
+use std::sync::Arc;
+
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{
+    ActiveValue::Set, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, SqlErr,
+    TransactionTrait,
+};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::entity::{request_ids, users};
+use super::{db_error, explain, find_request, to_model};
+use crate::domain::{Created, DomainError, IdempotencyKey, User};
+
+/// Most users one transaction stores.
+const MAX_BATCH: usize = 256;
+
+struct Job {
+    user: User,
+    key: Option<IdempotencyKey>,
+    reply: oneshot::Sender<Result<Created, DomainError>>,
+}
+
+/// What became of one user of a batch.
+enum Outcome {
+    Inserted,
+    /// The idempotency key was already stored by an earlier request.
+    KeyTaken,
+}
+
+#[derive(Clone)]
+pub(crate) struct Batcher {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts `writers` writer tasks (1 for SQLite, whose writes are serial
+    /// anyway; a few for PostgreSQL).
+    pub(crate) fn start(db: DatabaseConnection, writers: usize) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>(MAX_BATCH * 8);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(writer(db.clone(), rx.clone()));
+        }
+        Batcher { tx }
+    }
+
+    pub(crate) async fn submit(
+        &self,
+        user: User,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Created, DomainError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { user, key, reply })
+            .await
+            .map_err(|_| DomainError::Unavailable("the writer stopped".into()))?;
+        rx.await
+            .map_err(|_| DomainError::Unavailable("the writer stopped".into()))?
+    }
+}
+
+async fn writer(db: DatabaseConnection, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        let mut jobs = Vec::new();
+        {
+            let mut rx = rx.lock().await;
+            match rx.recv().await {
+                Some(job) => jobs.push(job),
+                None => return,
+            }
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        commit_batch(&db, jobs).await;
+    }
+}
+
+async fn commit_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
+    match store_batch(db, &jobs).await {
+        Ok(outcomes) => {
+            for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                let result = match outcome {
+                    Ok(outcome) => resolve(db, &job, outcome).await,
+                    Err(e) => Err(e),
+                };
+                let _ = job.reply.send(result);
+            }
+        }
+        // The batch as a whole failed (a deadlock between writers, a busy
+        // database, a lost connection): each user gets a transaction of its own.
+        Err(_) => {
+            for job in jobs {
+                let result = match store_alone(db, &job.user, job.key.as_ref()).await {
+                    Ok(Ok(outcome)) => resolve(db, &job, outcome).await,
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(db_error(e)),
+                };
+                let _ = job.reply.send(result);
+            }
+        }
+    }
+}
+
+/// The caller's answer once its user's fate is committed.
+async fn resolve(
+    db: &DatabaseConnection,
+    job: &Job,
+    outcome: Outcome,
+) -> Result<Created, DomainError> {
+    match (outcome, &job.key) {
+        (Outcome::Inserted, _) => Ok(Created::New(job.user.clone())),
+        (Outcome::KeyTaken, Some(key)) => {
+            match find_request(db, job.user.project.as_str(), &key.request_id).await? {
+                Some((fingerprint, user)) => Ok(Created::Earlier { fingerprint, user }),
+                None => Err(DomainError::Unavailable(
+                    "idempotency key vanished while in use; retry".into(),
+                )),
+            }
+        }
+        (Outcome::KeyTaken, None) => Err(DomainError::Internal("key outcome without key".into())),
+    }
+}
+
+type ItemResult = Result<Outcome, DomainError>;
+
+/// Stores a batch in one transaction. The outer error fails the whole batch;
+/// the inner results are per user.
+async fn store_batch(db: &DatabaseConnection, jobs: &[Job]) -> Result<Vec<ItemResult>, DbErr> {
+    let txn = db.begin().await?;
+    let mut results: Vec<Option<ItemResult>> = jobs.iter().map(|_| None).collect();
+
+    let plain: Vec<usize> = (0..jobs.len()).filter(|i| jobs[*i].key.is_none()).collect();
+    if !plain.is_empty() {
+        let mut models = Vec::with_capacity(plain.len());
+        for &i in &plain {
+            match to_model(&jobs[i].user) {
+                Ok(m) => models.push(users::ActiveModel::from(m)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let sp = txn.begin().await?;
+        match users::Entity::insert_many(models)
+            .exec_without_returning(&sp)
+            .await
+        {
+            Ok(_) => {
+                sp.commit().await?;
+                for &i in &plain {
+                    results[i].get_or_insert(Ok(Outcome::Inserted));
+                }
+            }
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                // Someone in (or before) this batch holds an identifier: find
+                // out who, one savepoint per user.
+                sp.rollback().await?;
+                for &i in &plain {
+                    if results[i].is_none() {
+                        results[i] = Some(store_one(&txn, &jobs[i].user, None).await?);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for (i, job) in jobs.iter().enumerate() {
+        if job.key.is_some() {
+            results[i] = Some(store_one(&txn, &job.user, job.key.as_ref()).await?);
+        }
+    }
+    txn.commit().await?;
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(DomainError::Internal("unprocessed".into()))))
+        .collect())
+}
+
+/// Stores one user in a transaction of its own.
+async fn store_alone(
+    db: &DatabaseConnection,
+    user: &User,
+    key: Option<&IdempotencyKey>,
+) -> Result<ItemResult, DbErr> {
+    let txn = db.begin().await?;
+    let r = store_one(&txn, user, key).await?;
+    txn.commit().await?;
+    Ok(r)
+}
+
+/// Stores one user (and its idempotency key) inside `conn`'s transaction,
+/// within a savepoint so that a conflict leaves the rest untouched.
+async fn store_one(
+    conn: &DatabaseTransaction,
+    user: &User,
+    key: Option<&IdempotencyKey>,
+) -> Result<ItemResult, DbErr> {
+    let model = match to_model(user) {
+        Ok(m) => m,
+        Err(e) => return Ok(Err(e)),
+    };
+    let sp = conn.begin().await?;
+    if let Some(key) = key {
+        // The key goes in first: a concurrent twin blocks on it and then
+        // replays this request instead of tripping over its email.
+        let response = match serde_json::to_string(&model) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(DomainError::Internal(e.to_string()))),
+        };
+        let rec = request_ids::ActiveModel {
+            project: Set(model.project.clone()),
+            request_id: Set(key.request_id.clone()),
+            fingerprint: Set(key.fingerprint.clone()),
+            user_id: Set(model.user_id.clone()),
+            response: Set(response),
+            create_time: Set(user.create_time.nanos()),
+        };
+        let inserted = request_ids::Entity::insert(rec)
+            .on_conflict(
+                OnConflict::columns([request_ids::Column::Project, request_ids::Column::RequestId])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&sp)
+            .await?;
+        if inserted == 0 {
+            sp.rollback().await?;
+            return Ok(Ok(Outcome::KeyTaken));
+        }
+    }
+    match users::Entity::insert(users::ActiveModel::from(model))
+        .exec_without_returning(&sp)
+        .await
+    {
+        Ok(_) => {
+            sp.commit().await?;
+            Ok(Ok(Outcome::Inserted))
+        }
+        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+            sp.rollback().await?;
+            Ok(Err(explain(conn, user, true, db_error(e)).await))
+        }
+        Err(e) => Err(e),
+    }
+}
