@@ -32,7 +32,7 @@ pub async fn open_database(settings: &Settings) -> Result<SeaOrmRepository, BoxE
     storage::migrate(&db)
         .await
         .map_err(|e| format!("cannot migrate the database: {e}"))?;
-    Ok(SeaOrmRepository::new(db))
+    Ok(SeaOrmRepository::new(db).with_sqlite_readers(&settings.database_url))
 }
 
 /// Binds `settings.listen` and serves until `shutdown` resolves.

@@ -2,6 +2,7 @@
 
 mod batch;
 mod entity;
+mod sqlite_read;
 
 use std::time::Duration;
 
@@ -12,15 +13,18 @@ use sea_orm::{
     DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, RuntimeErr, SqlErr,
     TransactionTrait,
 };
-use tracing::{error, instrument, warn};
+use tracing::{debug, error, instrument, warn};
 
 use crate::domain::{
     Address, Birthday, Created, DomainError, Email, ExternalId, IdempotencyKey, Identifier,
     Identity, Locale, PhoneNumber, PictureUri, Profile, ProjectId, State, Timestamp, User, UserId,
     UserRepository, Username,
 };
+use std::sync::Arc;
+
 use batch::Batcher;
 use entity::{request_ids, users};
+use sqlite_read::{LookupColumn, SqliteReaders};
 
 /// How long an idempotency key is remembered.
 const REQUEST_ID_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -66,6 +70,8 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
 pub struct SeaOrmRepository {
     db: DatabaseConnection,
     creates: Batcher,
+    /// SQLite only: inline point reads (see `sqlite_read`).
+    readers: Option<Arc<SqliteReaders>>,
 }
 
 impl SeaOrmRepository {
@@ -77,7 +83,20 @@ impl SeaOrmRepository {
             _ => 1,
         };
         let creates = Batcher::start(db.clone(), writers);
-        Self { db, creates }
+        Self {
+            db,
+            creates,
+            readers: None,
+        }
+    }
+
+    /// On SQLite, serves GetUser and LookupUser from inline read-only
+    /// connections to the file of `url`.
+    pub fn with_sqlite_readers(mut self, url: &str) -> Self {
+        if self.db.get_database_backend() == DatabaseBackend::Sqlite {
+            self.readers = SqliteReaders::open(url, 4).map(Arc::new);
+        }
+        self
     }
 }
 
@@ -201,6 +220,12 @@ impl UserRepository for SeaOrmRepository {
 
     #[instrument(skip_all, fields(project = %project))]
     async fn get(&self, project: &ProjectId, id: &UserId) -> Result<Option<User>, DomainError> {
+        if let Some(r) = &self.readers {
+            match r.get(project.as_str(), id.as_str()) {
+                Ok(found) => return found.map(from_model).transpose(),
+                Err(e) => debug!(error = %e, "inline read failed; using the pool"),
+            }
+        }
         users::Entity::find_by_id((project.as_str().to_owned(), id.as_str().to_owned()))
             .one(&self.db)
             .await
@@ -215,6 +240,18 @@ impl UserRepository for SeaOrmRepository {
         project: &ProjectId,
         identity: &Identity,
     ) -> Result<Option<User>, DomainError> {
+        if let Some(r) = &self.readers {
+            let (column, value) = match identity {
+                Identity::Email(e) => (LookupColumn::EmailKey, e.key()),
+                Identity::PhoneNumber(p) => (LookupColumn::PhoneNumber, p.as_str().to_owned()),
+                Identity::Username(u) => (LookupColumn::Username, u.as_str().to_owned()),
+                Identity::ExternalId(x) => (LookupColumn::ExternalId, x.as_str().to_owned()),
+            };
+            match r.lookup(project.as_str(), column, &value) {
+                Ok(found) => return found.map(from_model).transpose(),
+                Err(e) => debug!(error = %e, "inline read failed; using the pool"),
+            }
+        }
         let cond = match identity {
             Identity::Email(e) => users::Column::EmailKey.eq(e.key()),
             Identity::PhoneNumber(p) => users::Column::PhoneNumber.eq(p.as_str()),
