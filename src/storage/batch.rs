@@ -150,11 +150,8 @@ async fn store_batch(db: &DatabaseConnection, jobs: &[Job]) -> Result<Vec<ItemRe
             }
         }
         let sp = txn.begin().await?;
-        match users::Entity::insert_many(models)
-            .exec_without_returning(&sp)
-            .await
-        {
-            Ok(_) => {
+        match insert_chunked(&sp, models).await {
+            Ok(()) => {
                 sp.commit().await?;
                 for &i in &plain {
                     results[i].get_or_insert(Ok(Outcome::Inserted));
@@ -183,6 +180,24 @@ async fn store_batch(db: &DatabaseConnection, jobs: &[Job]) -> Result<Vec<ItemRe
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(DomainError::Internal("unprocessed".into()))))
         .collect())
+}
+
+/// Multi-row INSERTs in a few fixed sizes: a statement's text depends on its
+/// row count, and fixed sizes keep every shape in the prepared-statement
+/// cache instead of parsing a new one per batch.
+async fn insert_chunked(
+    conn: &DatabaseTransaction,
+    mut models: Vec<users::ActiveModel>,
+) -> Result<(), DbErr> {
+    const SIZES: [usize; 4] = [64, 16, 4, 1];
+    while !models.is_empty() {
+        let size = SIZES.into_iter().find(|s| *s <= models.len()).unwrap_or(1);
+        let rest = models.split_off(size);
+        users::Entity::insert_many(std::mem::replace(&mut models, rest))
+            .exec_without_returning(conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Stores one user in a transaction of its own.
