@@ -551,6 +551,9 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         let channels = channels_to(&addr, args.connections).await?;
         let stats = run_scenario(s, &channels, &args, &seeded, &run_id).await;
         let peak = pid.and_then(|p| proc_kib(p, "VmHWM:"));
+        // Mapped database pages count in RSS but are the kernel's page cache;
+        // the anonymous part is the server's own memory.
+        let anon = pid.and_then(|p| proc_kib(p, "RssAnon:"));
         let errors = if stats.errors.is_empty() {
             "none".to_string()
         } else {
@@ -558,13 +561,14 @@ async fn run(args: Args) -> Result<bool, BoxError> {
             format!("{:?}", stats.errors)
         };
         println!(
-            "{:<8} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p99.9 {:>6.2} ms  server peak RSS {:>9}  errors: {}",
+            "{:<8} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p99.9 {:>6.2} ms  server peak RSS {:>9} (anon {:>9})  errors: {}",
             format!("{s:?}").to_lowercase(),
             stats.rps(),
             stats.quantile_ms(0.50),
             stats.quantile_ms(0.99),
             stats.quantile_ms(0.999),
             mib(peak),
+            mib(anon),
             errors
         );
         results.push((s, stats, peak));

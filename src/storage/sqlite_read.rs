@@ -57,6 +57,9 @@ impl SqliteReaders {
             )
             .ok()?;
             c.busy_timeout(Duration::from_millis(200)).ok()?;
+            // Map the file instead of copying pages through read(2) into a
+            // private cache per connection.
+            c.pragma_update(None, "mmap_size", 1_i64 << 30).ok()?;
             c.set_prepared_statement_cache_capacity(16);
             conns.push(Mutex::new(c));
         }
