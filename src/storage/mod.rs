@@ -2,6 +2,7 @@
 
 mod batch;
 mod entity;
+mod read_batch;
 mod sqlite_read;
 
 use std::time::Duration;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 use batch::Batcher;
 use entity::{request_ids, users};
+use read_batch::ReadBatcher;
 use sqlite_read::{LookupColumn, SqliteReaders};
 
 /// How long an idempotency key is remembered.
@@ -72,6 +74,8 @@ pub struct SeaOrmRepository {
     creates: Batcher,
     /// SQLite only: inline point reads (see `sqlite_read`).
     readers: Option<Arc<SqliteReaders>>,
+    /// PostgreSQL only: batched point reads (see `read_batch`).
+    batched_reads: Option<ReadBatcher>,
 }
 
 impl SeaOrmRepository {
@@ -83,10 +87,13 @@ impl SeaOrmRepository {
             _ => 1,
         };
         let creates = Batcher::start(db.clone(), writers);
+        let batched_reads = (db.get_database_backend() == DatabaseBackend::Postgres)
+            .then(|| ReadBatcher::start(db.clone(), 4));
         Self {
             db,
             creates,
             readers: None,
+            batched_reads,
         }
     }
 
@@ -226,6 +233,13 @@ impl UserRepository for SeaOrmRepository {
                 Err(e) => debug!(error = %e, "inline read failed; using the pool"),
             }
         }
+        if let Some(b) = &self.batched_reads {
+            return b
+                .get(project.as_str(), id.as_str())
+                .await?
+                .map(from_model)
+                .transpose();
+        }
         users::Entity::find_by_id((project.as_str().to_owned(), id.as_str().to_owned()))
             .one(&self.db)
             .await
@@ -240,13 +254,13 @@ impl UserRepository for SeaOrmRepository {
         project: &ProjectId,
         identity: &Identity,
     ) -> Result<Option<User>, DomainError> {
+        let (column, value) = match identity {
+            Identity::Email(e) => (LookupColumn::EmailKey, e.key()),
+            Identity::PhoneNumber(p) => (LookupColumn::PhoneNumber, p.as_str().to_owned()),
+            Identity::Username(u) => (LookupColumn::Username, u.as_str().to_owned()),
+            Identity::ExternalId(x) => (LookupColumn::ExternalId, x.as_str().to_owned()),
+        };
         if let Some(r) = &self.readers {
-            let (column, value) = match identity {
-                Identity::Email(e) => (LookupColumn::EmailKey, e.key()),
-                Identity::PhoneNumber(p) => (LookupColumn::PhoneNumber, p.as_str().to_owned()),
-                Identity::Username(u) => (LookupColumn::Username, u.as_str().to_owned()),
-                Identity::ExternalId(x) => (LookupColumn::ExternalId, x.as_str().to_owned()),
-            };
             match r.lookup(project.as_str(), column, &value) {
                 Ok(found) => return found.map(from_model).transpose(),
                 Err(e) => debug!(error = %e, "inline read failed; using the pool"),

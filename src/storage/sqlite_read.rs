@@ -18,19 +18,30 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 use super::entity::users;
 
 /// Column list in the order of `users::Model`'s fields.
-const COLUMNS: &str = "project, user_id, email, email_key, email_verified, phone_number, \
+pub(crate) const COLUMNS: &str = "project, user_id, email, email_key, email_verified, phone_number, \
     phone_number_verified, secondary_emails, secondary_phone_numbers, username, external_id, \
     display_name, given_name, middle_name, family_name, title, birthday, preferred_locale, \
     picture_uri, addresses, bio, note, tags, roles, metadata, custom_data, last_login_time, \
     state, pre_delete_state, create_time, update_time, delete_time, purge_time, revision";
 
 /// Which live identity a lookup compares.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum LookupColumn {
     EmailKey,
     PhoneNumber,
     Username,
     ExternalId,
+}
+
+impl LookupColumn {
+    pub(crate) fn column(self) -> &'static str {
+        match self {
+            LookupColumn::EmailKey => "email_key",
+            LookupColumn::PhoneNumber => "phone_number",
+            LookupColumn::Username => "username",
+            LookupColumn::ExternalId => "external_id",
+        }
+    }
 }
 
 pub(crate) struct SqliteReaders {
@@ -104,12 +115,7 @@ impl SqliteReaders {
         column: LookupColumn,
         value: &str,
     ) -> rusqlite::Result<Option<users::Model>> {
-        let column = match column {
-            LookupColumn::EmailKey => "email_key",
-            LookupColumn::PhoneNumber => "phone_number",
-            LookupColumn::Username => "username",
-            LookupColumn::ExternalId => "external_id",
-        };
+        let column = column.column();
         self.with(|c| {
             c.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM users \

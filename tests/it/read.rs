@@ -129,7 +129,47 @@ async fn lookup_rejects_bad_input(e: Engine) {
     assert_eq!(bad_fields(&st), vec!["email", "parent"]);
 }
 
+/// Concurrent gets are served in batches on PostgreSQL: every caller must get
+/// its own user (or NOT_FOUND), whatever else is in the batch.
+async fn concurrent_gets_each_get_their_own_user(e: Engine) {
+    let s = TestServer::start(e).await;
+    let mut c = s.client();
+    let mut users = Vec::new();
+    for i in 0..20 {
+        users.push(create(&mut c, user(&format!("many{i}@example.com"))).await);
+    }
+    let other = create_in(&mut c, "projects/other", user("many0@example.com")).await;
+    let mut tasks = Vec::new();
+    for round in 0..10 {
+        for (i, u) in users.iter().enumerate() {
+            let mut c = s.client();
+            let (name, want) = if (i + round) % 7 == 0 {
+                (format!("projects/acme/users/missing-{i}"), None)
+            } else {
+                (u.name.clone(), Some(u.clone()))
+            };
+            tasks.push(tokio::spawn(
+                async move { (want, get(&mut c, &name).await) },
+            ));
+        }
+        let mut c2 = s.client();
+        let o = other.clone();
+        tasks.push(tokio::spawn(async move {
+            (Some(o.clone()), get(&mut c2, &o.name).await)
+        }));
+    }
+    for t in tasks {
+        match t.await.unwrap() {
+            (Some(want), got) => assert_eq!(got.unwrap(), want),
+            (None, got) => {
+                assert_error(got, Code::NotFound, "USER_NOT_FOUND");
+            }
+        }
+    }
+}
+
 both_engines!(
+    concurrent_gets_each_get_their_own_user,
     get_unknown_or_malformed_names,
     lookup_by_every_identifier,
     lookup_rejects_bad_input,
