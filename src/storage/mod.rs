@@ -235,7 +235,11 @@ impl UserRepository for SeaOrmRepository {
         }
         if let Some(b) = &self.batched_reads {
             return b
-                .get(project.as_str(), id.as_str())
+                .read(
+                    project.as_str(),
+                    read_batch::Key::Id,
+                    id.as_str().to_owned(),
+                )
                 .await?
                 .map(from_model)
                 .transpose();
@@ -265,6 +269,13 @@ impl UserRepository for SeaOrmRepository {
                 Ok(found) => return found.map(from_model).transpose(),
                 Err(e) => debug!(error = %e, "inline read failed; using the pool"),
             }
+        }
+        if let Some(b) = &self.batched_reads {
+            return b
+                .read(project.as_str(), read_batch::Key::Live(column), value)
+                .await?
+                .map(from_model)
+                .transpose();
         }
         let cond = match identity {
             Identity::Email(e) => users::Column::EmailKey.eq(e.key()),

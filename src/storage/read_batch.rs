@@ -1,14 +1,16 @@
-//! Batched GetUser for PostgreSQL. Concurrent calls are queued to a few reader
-//! tasks; each takes what is waiting (up to `MAX_BATCH`, never waiting for
-//! more) and serves every call of one project with a single
-//! `user_id = ANY($2)` query on the primary key, so one round trip to a backend
-//! answers many callers. The statement text does not depend on the batch size,
-//! so it is prepared once per connection.
+//! Batched point reads for PostgreSQL. Concurrent GetUser and LookupUser calls
+//! are queued to a few reader tasks; each takes what is waiting (up to
+//! `MAX_BATCH`, never waiting for more) and answers every caller of one
+//! project and key with one query, so one round trip to a backend serves many
+//! callers.
 //!
-//! LookupUser is not batched: on the partial unique indexes, PostgreSQL's
-//! generic plan for `email_key = ANY($2)` degrades to a scan of the project
-//! while the table's statistics are stale (e.g. right after a bulk load),
-//! whereas the single-value form always uses the index.
+//! - GetUser: `user_id = ANY($2)` on the primary key. Its text does not depend
+//!   on the batch size, so it is prepared once per connection.
+//! - LookupUser: a `UNION ALL` of single-value probes, padded to a few fixed
+//!   sizes. `email_key = ANY($2)` would be shorter, but on the partial unique
+//!   indexes PostgreSQL's generic plan for it degrades to a scan of the whole
+//!   project while the table's statistics are stale (e.g. right after a bulk
+//!   load); the single-value form always uses the index.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
@@ -18,15 +20,29 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::db_error;
 use super::entity::users;
-use super::sqlite_read::COLUMNS;
+use super::sqlite_read::{COLUMNS, LookupColumn};
 use crate::domain::DomainError;
 
 const MAX_BATCH: usize = 128;
+/// Lookup probes per statement; batches are padded up to one of these.
+const PROBE_SIZES: [usize; 6] = [1, 2, 4, 8, 16, 32];
+
+/// Which rows a read wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Key {
+    /// By primary key, soft-deleted rows included.
+    Id,
+    /// By a live (not deleted) identity.
+    Live(LookupColumn),
+}
+
+type Reply = oneshot::Sender<Result<Option<users::Model>, DomainError>>;
 
 struct Job {
     project: String,
-    user_id: String,
-    reply: oneshot::Sender<Result<Option<users::Model>, DomainError>>,
+    key: Key,
+    value: String,
+    reply: Reply,
 }
 
 #[derive(Clone)]
@@ -44,16 +60,18 @@ impl ReadBatcher {
         ReadBatcher { tx }
     }
 
-    /// The user with this primary key, soft-deleted or not.
-    pub(crate) async fn get(
+    /// The row of `project` whose `key` is `value`.
+    pub(crate) async fn read(
         &self,
         project: &str,
-        user_id: &str,
+        key: Key,
+        value: String,
     ) -> Result<Option<users::Model>, DomainError> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             project: project.to_owned(),
-            user_id: user_id.to_owned(),
+            key,
+            value,
             reply,
         };
         self.tx
@@ -65,9 +83,35 @@ impl ReadBatcher {
     }
 }
 
-static SQL: LazyLock<String> = LazyLock::new(|| {
+static BY_ID: LazyLock<String> = LazyLock::new(|| {
     format!("SELECT {COLUMNS} FROM users WHERE project = $1 AND user_id = ANY($2)")
 });
+
+/// `n` single-value probes of a live identity, `$1` the project.
+fn probes_sql(column: LookupColumn, n: usize) -> String {
+    let col = column.column();
+    (0..n)
+        .map(|i| {
+            format!(
+                "SELECT {COLUMNS} FROM users WHERE project = $1 AND {col} = ${} \
+                 AND delete_time IS NULL",
+                i + 2
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
+}
+
+/// The value of `m` that a read by `key` matched.
+fn matched(key: Key, m: &users::Model) -> Option<&str> {
+    match key {
+        Key::Id => Some(&m.user_id),
+        Key::Live(LookupColumn::EmailKey) => m.email_key.as_deref(),
+        Key::Live(LookupColumn::PhoneNumber) => m.phone_number.as_deref(),
+        Key::Live(LookupColumn::Username) => m.username.as_deref(),
+        Key::Live(LookupColumn::ExternalId) => m.external_id.as_deref(),
+    }
+}
 
 async fn reader(db: DatabaseConnection, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
@@ -85,35 +129,81 @@ async fn reader(db: DatabaseConnection, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 }
             }
         }
-        let mut groups: HashMap<String, Vec<Job>> = HashMap::new();
+        let mut groups: HashMap<(String, Key), Vec<Job>> = HashMap::new();
         for job in jobs {
-            groups.entry(job.project.clone()).or_default().push(job);
+            groups
+                .entry((job.project.clone(), job.key))
+                .or_default()
+                .push(job);
         }
-        for (project, jobs) in groups {
-            let mut ids: Vec<String> = jobs.iter().map(|j| j.user_id.clone()).collect();
-            ids.sort();
-            ids.dedup();
-            let stmt = Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                SQL.as_str(),
-                [Value::from(project), Value::from(ids)],
-            );
-            match users::Model::find_by_statement(stmt).all(&db).await {
+        for ((project, key), jobs) in groups {
+            let mut values: Vec<String> = jobs.iter().map(|j| j.value.clone()).collect();
+            values.sort();
+            values.dedup();
+            let rows = fetch(&db, &project, key, values).await;
+            match rows {
                 Ok(rows) => {
-                    let found: HashMap<&str, &users::Model> =
-                        rows.iter().map(|m| (m.user_id.as_str(), m)).collect();
+                    let found: HashMap<&str, &users::Model> = rows
+                        .iter()
+                        .filter_map(|m| matched(key, m).map(|v| (v, m)))
+                        .collect();
                     for job in jobs {
-                        let row = found.get(job.user_id.as_str()).map(|m| (*m).clone());
+                        let row = found.get(job.value.as_str()).map(|m| (*m).clone());
                         let _ = job.reply.send(Ok(row));
                     }
                 }
                 Err(e) => {
-                    let e = db_error(e);
                     for job in jobs {
                         let _ = job.reply.send(Err(for_caller(&e)));
                     }
                 }
             }
+        }
+    }
+}
+
+async fn fetch(
+    db: &DatabaseConnection,
+    project: &str,
+    key: Key,
+    values: Vec<String>,
+) -> Result<Vec<users::Model>, DomainError> {
+    match key {
+        Key::Id => {
+            let stmt = Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                BY_ID.as_str(),
+                [Value::from(project), Value::from(values)],
+            );
+            users::Model::find_by_statement(stmt)
+                .all(db)
+                .await
+                .map_err(db_error)
+        }
+        Key::Live(column) => {
+            let mut out = Vec::new();
+            for chunk in values.chunks(PROBE_SIZES[PROBE_SIZES.len() - 1]) {
+                let size = PROBE_SIZES
+                    .into_iter()
+                    .find(|s| *s >= chunk.len())
+                    .unwrap_or(chunk.len());
+                let mut params = vec![Value::from(project)];
+                // Padding repeats the last value; duplicate rows are harmless.
+                params
+                    .extend((0..size).map(|i| Value::from(chunk[i.min(chunk.len() - 1)].as_str())));
+                let stmt = Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    probes_sql(column, size),
+                    params,
+                );
+                out.extend(
+                    users::Model::find_by_statement(stmt)
+                        .all(db)
+                        .await
+                        .map_err(db_error)?,
+                );
+            }
+            Ok(out)
         }
     }
 }
