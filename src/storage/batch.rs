@@ -68,20 +68,9 @@ impl Batcher {
 
 async fn writer(db: DatabaseConnection, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
-        let mut jobs = Vec::new();
-        {
-            let mut rx = rx.lock().await;
-            match rx.recv().await {
-                Some(job) => jobs.push(job),
-                None => return,
-            }
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
-        }
+        let Some(jobs) = super::next_batch(&rx, MAX_BATCH).await else {
+            return;
+        };
         commit_batch(&db, jobs).await;
     }
 }

@@ -107,6 +107,24 @@ impl SeaOrmRepository {
     }
 }
 
+/// Waits for the next job of a shared queue, then takes whatever else is
+/// already waiting, up to `max`; never waits for a batch to fill. `None` once
+/// the queue is closed.
+async fn next_batch<T>(
+    rx: &tokio::sync::Mutex<tokio::sync::mpsc::Receiver<T>>,
+    max: usize,
+) -> Option<Vec<T>> {
+    let mut rx = rx.lock().await;
+    let mut batch = vec![rx.recv().await?];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 /// The result stored under an idempotency key.
 pub(crate) async fn find_request<C: ConnectionTrait>(
     conn: &C,

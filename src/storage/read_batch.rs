@@ -115,20 +115,9 @@ fn matched(key: Key, m: &users::Model) -> Option<&str> {
 
 async fn reader(db: DatabaseConnection, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
-        let mut jobs = Vec::new();
-        {
-            let mut rx = rx.lock().await;
-            match rx.recv().await {
-                Some(job) => jobs.push(job),
-                None => return,
-            }
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
-        }
+        let Some(jobs) = super::next_batch(&rx, MAX_BATCH).await else {
+            return;
+        };
         let mut groups: HashMap<(String, Key), Vec<Job>> = HashMap::new();
         for job in jobs {
             groups
