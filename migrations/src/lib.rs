@@ -4,12 +4,17 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261122_000001_create_users;
+mod m20261122_000002_user_terms;
+pub mod terms;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261122_000001_create_users::Migration)]
+        vec![
+            Box::new(m20261122_000001_create_users::Migration),
+            Box::new(m20261122_000002_user_terms::Migration),
+        ]
     }
 }

@@ -642,6 +642,30 @@ impl UserService for Ceiling {
     ) -> Result<Response<pb::User>, Status> {
         Err(Status::unimplemented("ceiling"))
     }
+    async fn list_users(
+        &self,
+        _: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+    async fn search_users(
+        &self,
+        _: Request<pb::SearchUsersRequest>,
+    ) -> Result<Response<pb::SearchUsersResponse>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+    async fn count_users(
+        &self,
+        _: Request<pb::CountUsersRequest>,
+    ) -> Result<Response<pb::CountUsersResponse>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+    async fn batch_get_users(
+        &self,
+        _: Request<pb::BatchGetUsersRequest>,
+    ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
 }
 
 async fn serve_ceiling(addr: SocketAddr) -> Result<(), BoxError> {

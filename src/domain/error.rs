@@ -33,6 +33,10 @@ impl Violations {
         }
     }
 
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -69,10 +73,25 @@ impl Identifier {
     }
 }
 
+/// What is wrong with a query's parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryProblem {
+    Filter,
+    OrderBy,
+    PageToken,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {
     #[error("invalid argument")]
     InvalidArgument(Vec<FieldViolation>),
+    /// A filter, order, page token or search query that cannot be used.
+    #[error("{field}: {description}")]
+    BadQuery {
+        reason: QueryProblem,
+        field: &'static str,
+        description: String,
+    },
     #[error("user {0} not found")]
     NotFound(String),
     #[error("user {0} is already deleted")]

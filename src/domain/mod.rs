@@ -2,13 +2,16 @@
 //! trait. Nothing here knows about gRPC or SQL.
 
 pub mod error;
+pub mod filter;
+pub mod query;
 pub mod repository;
 pub mod service;
 pub mod user;
 pub mod values;
 
-pub use error::{DomainError, FieldViolation, Identifier, Violations};
+pub use error::{DomainError, FieldViolation, Identifier, QueryProblem, Violations};
+pub use query::{Cursor, OrderBy, UserQuery};
 pub use repository::{Created, IdempotencyKey, Identity, UserRepository};
-pub use service::{NewUser, Users};
+pub use service::{NewUser, Page, Users};
 pub use user::{Address, AddressKind, Field, FieldPath, Profile, State, User};
 pub use values::*;

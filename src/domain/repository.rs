@@ -6,6 +6,7 @@
 use std::future::Future;
 
 use super::error::DomainError;
+use super::query::{Cursor, UserQuery};
 use super::user::User;
 use super::values::{Email, ExternalId, PhoneNumber, ProjectId, Timestamp, UserId, Username};
 
@@ -67,12 +68,32 @@ pub trait UserRepository: Send + Sync + 'static {
         identity: &Identity,
     ) -> impl Future<Output = Result<Option<User>, DomainError>> + Send;
 
-    /// Writes `user` if the stored revision is still `expected_revision`.
+    /// Writes `user` over `previous` if the stored revision is still
+    /// `previous.revision`.
     fn save(
         &self,
         user: &User,
-        expected_revision: i64,
+        previous: &User,
     ) -> impl Future<Output = Result<bool, DomainError>> + Send;
+
+    /// Up to `limit` users of `query`, in its order, after `after`.
+    fn list(
+        &self,
+        query: &UserQuery,
+        after: Option<&Cursor>,
+        limit: u64,
+    ) -> impl Future<Output = Result<Vec<User>, DomainError>> + Send;
+
+    /// How many users match `query` (its order is ignored).
+    fn count(&self, query: &UserQuery) -> impl Future<Output = Result<u64, DomainError>> + Send;
+
+    /// The users with these ids that exist (deleted ones included), in any
+    /// order.
+    fn get_many(
+        &self,
+        project: &ProjectId,
+        ids: &[UserId],
+    ) -> impl Future<Output = Result<Vec<User>, DomainError>> + Send;
 
     /// Erases a user if the stored revision is still `expected_revision`.
     fn erase(

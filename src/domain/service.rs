@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use tracing::instrument;
 
-use super::error::{DomainError, FieldViolation};
+use super::error::{DomainError, FieldViolation, QueryProblem};
+use super::query::{
+    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, TokenError, UserQuery, decode_page_token, encode_page_token,
+};
 use super::repository::{Created, IdempotencyKey, Identity, UserRepository};
 use super::user::{FieldPath, MAX_METADATA, Profile, State, User};
 use super::values::{ProjectId, Timestamp, UserId, UserName};
@@ -12,6 +15,14 @@ use super::values::{ProjectId, Timestamp, UserId, UserName};
 /// How often a write re-reads and retries after losing a race with another
 /// writer, when the caller did not pin an etag.
 const MAX_ATTEMPTS: usize = 32;
+
+/// One page of a list or search.
+#[derive(Debug)]
+pub struct Page {
+    pub users: Vec<User>,
+    /// Empty on the last page.
+    pub next_page_token: String,
+}
 
 /// A user to create, already validated.
 #[derive(Debug)]
@@ -207,6 +218,86 @@ impl<R: UserRepository> Users<R> {
         .await
     }
 
+    /// One page of `query`: `page_token` is empty for the first page.
+    #[instrument(skip_all, fields(project = %query.project))]
+    pub async fn list(
+        &self,
+        query: &UserQuery,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<Page, DomainError> {
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            Some(decode_page_token(query, page_token).map_err(|e| {
+                DomainError::BadQuery {
+                    reason: QueryProblem::PageToken,
+                    field: "page_token",
+                    description: match e {
+                        TokenError::Malformed => "not a page token of this service, or damaged",
+                        TokenError::OtherQuery => {
+                            "belongs to another query: parent, filter, order_by, \
+                             show_deleted and query must stay the same while paging"
+                        }
+                    }
+                    .into(),
+                }
+            })?)
+        };
+        // 0 means the default; more than the maximum is clamped (AIP-158).
+        let size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let mut users = self
+            .repo
+            .list(query, after.as_ref(), u64::from(size) + 1)
+            .await?;
+        let next_page_token = if users.len() > size as usize {
+            users.truncate(size as usize);
+            users
+                .last()
+                .map(|u| encode_page_token(query, &query.order.cursor_of(u)))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Page {
+            users,
+            next_page_token,
+        })
+    }
+
+    #[instrument(skip_all, fields(project = %query.project))]
+    pub async fn count(&self, query: &UserQuery) -> Result<u64, DomainError> {
+        self.repo.count(query).await
+    }
+
+    /// The users named, in order; NOT_FOUND names the first missing one.
+    #[instrument(skip_all, fields(project = %project))]
+    pub async fn batch_get(
+        &self,
+        project: &ProjectId,
+        ids: &[UserId],
+    ) -> Result<Vec<User>, DomainError> {
+        let found = self.repo.get_many(project, ids).await?;
+        let by_id: std::collections::HashMap<&str, &User> =
+            found.iter().map(|u| (u.id.as_str(), u)).collect();
+        ids.iter()
+            .map(|id| {
+                by_id.get(id.as_str()).map(|u| (*u).clone()).ok_or_else(|| {
+                    DomainError::NotFound(
+                        UserName {
+                            project: project.clone(),
+                            user: id.clone(),
+                        }
+                        .to_string(),
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// Erases soft-deleted users whose purge time has passed.
     pub async fn purge_expired(&self) -> Result<u64, DomainError> {
         self.repo.purge_expired(Timestamp::now(), 1000).await
@@ -232,7 +323,7 @@ impl<R: UserRepository> Users<R> {
                 Change::Keep => return Ok(current),
                 Change::Save(mut next) => {
                     next.touch(Timestamp::now());
-                    if self.repo.save(&next, current.revision).await? {
+                    if self.repo.save(&next, &current).await? {
                         return Ok(*next);
                     }
                     false

@@ -10,9 +10,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::domain::filter::{self as domain_filter, Filter};
+use crate::domain::query;
 use crate::domain::{
-    DomainError, Email, ExternalId, Field, IdempotencyKey, Identity, NewUser, PhoneNumber,
-    ProjectId, State, UserId, UserName, UserRepository, Username, Users, Violations,
+    DomainError, Email, ExternalId, Field, IdempotencyKey, Identity, NewUser, OrderBy, PhoneNumber,
+    ProjectId, QueryProblem, State, UserId, UserName, UserQuery, UserRepository, Username, Users,
+    Violations,
 };
 use crate::proto::users::v1 as pb;
 use convert::{fingerprint, parse_mask, parse_profile, populated_fields, user_to_proto};
@@ -239,5 +242,190 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
                 .set_state(&name, etag(&req.etag), State::Disabled)
                 .await?,
         )
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let req = request.into_inner();
+        let mut q = QueryRequest::new(&req.parent, &req.filter, &req.order_by, req.show_deleted);
+        let size = q.page_size(req.page_size);
+        let query = q.finish(None)?;
+        let page = self.users.list(&query, size, &req.page_token).await?;
+        Ok(Response::new(pb::ListUsersResponse {
+            users: page.users.iter().map(user_to_proto).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn search_users(
+        &self,
+        request: Request<pb::SearchUsersRequest>,
+    ) -> Result<Response<pb::SearchUsersResponse>, Status> {
+        let req = request.into_inner();
+        let mut q = QueryRequest::new(&req.parent, &req.filter, &req.order_by, req.show_deleted);
+        let size = q.page_size(req.page_size);
+        let search =
+            q.v.check(|| "query".into(), query::parse_search(&req.query));
+        let query = q.finish(search)?;
+        let page = self.users.list(&query, size, &req.page_token).await?;
+        Ok(Response::new(pb::SearchUsersResponse {
+            users: page.users.iter().map(user_to_proto).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn count_users(
+        &self,
+        request: Request<pb::CountUsersRequest>,
+    ) -> Result<Response<pb::CountUsersResponse>, Status> {
+        let req = request.into_inner();
+        let q = QueryRequest::new(&req.parent, &req.filter, "", req.show_deleted);
+        let query = q.finish(None)?;
+        let total = self.users.count(&query).await?;
+        Ok(Response::new(pb::CountUsersResponse {
+            total_size: i64::try_from(total).unwrap_or(i64::MAX),
+        }))
+    }
+
+    async fn batch_get_users(
+        &self,
+        request: Request<pb::BatchGetUsersRequest>,
+    ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
+        if let Some(p) = &project {
+            record_project(p.as_str());
+        }
+        if req.names.len() > MAX_BATCH_GET {
+            v.push(
+                "names",
+                format!(
+                    "at most {MAX_BATCH_GET} names per call; {} given",
+                    req.names.len()
+                ),
+            );
+            return Err(std::mem::take(&mut v)
+                .into_result()
+                .err()
+                .map_or_else(|| Status::internal("internal error"), Status::from));
+        }
+        let mut ids = Vec::with_capacity(req.names.len());
+        for (i, name) in req.names.iter().enumerate() {
+            match UserName::parse(name) {
+                Ok(n) if project.as_ref().is_some_and(|p| *p != n.project) => v.push(
+                    format!("names[{i}]"),
+                    "must be a user of `parent` (AIP-231: one project per call)",
+                ),
+                Ok(n) => ids.push(n.user),
+                Err(r) => v.push(format!("names[{i}]"), r),
+            }
+        }
+        v.into_result()?;
+        let Some(project) = project else {
+            return Err(DomainError::Internal("validated request incomplete".into()).into());
+        };
+        let users = self.users.batch_get(&project, &ids).await?;
+        Ok(Response::new(pb::BatchGetUsersResponse {
+            users: users.iter().map(user_to_proto).collect(),
+        }))
+    }
+}
+
+/// Most names one BatchGetUsers call takes.
+const MAX_BATCH_GET: usize = 1000;
+
+/// The common parameters of ListUsers, SearchUsers and CountUsers, validated
+/// together so that every bad field is reported at once.
+struct QueryRequest<'a> {
+    v: Violations,
+    /// A filter or order_by problem, when it is the only one.
+    query_problem: Option<(QueryProblem, &'static str, String)>,
+    project: Option<ProjectId>,
+    filter_text: &'a str,
+    filter: Option<Filter>,
+    order: OrderBy,
+    show_deleted: bool,
+}
+
+impl<'a> QueryRequest<'a> {
+    fn new(parent: &str, filter: &'a str, order_by: &str, show_deleted: bool) -> Self {
+        let mut v = Violations::default();
+        let mut problems = Vec::new();
+        let project = v.check(|| "parent".into(), ProjectId::parse_parent(parent));
+        if let Some(p) = &project {
+            record_project(p.as_str());
+        }
+        let parsed = project
+            .as_ref()
+            .map(|p| domain_filter::parse(filter, p))
+            .transpose();
+        let filter_text = filter;
+        let filter = match parsed {
+            Ok(f) => f.flatten(),
+            Err(e) => {
+                let d = e.to_string();
+                v.push("filter", d.clone());
+                problems.push((QueryProblem::Filter, "filter", d));
+                None
+            }
+        };
+        let order = match OrderBy::parse(order_by) {
+            Ok(o) => o,
+            Err((pos, m)) => {
+                let d = format!("position {pos}: {m}");
+                v.push("order_by", d.clone());
+                problems.push((QueryProblem::OrderBy, "order_by", d));
+                OrderBy::default()
+            }
+        };
+        Self {
+            v,
+            query_problem: (problems.len() == 1).then(|| problems.remove(0)),
+            project,
+            filter_text,
+            filter,
+            order,
+            show_deleted,
+        }
+    }
+
+    fn page_size(&mut self, n: i32) -> u32 {
+        self.v
+            .check(|| "page_size".into(), query::page_size(n))
+            .unwrap_or(0)
+    }
+
+    fn finish(self, search: Option<String>) -> Result<UserQuery, Status> {
+        if !self.v.is_empty() {
+            if let (Some((reason, field, description)), 1) = (self.query_problem, self.v.len()) {
+                return Err(DomainError::BadQuery {
+                    reason,
+                    field,
+                    description,
+                }
+                .into());
+            }
+            self.v.into_result()?;
+        }
+        let Some(project) = self.project else {
+            return Err(DomainError::Internal("validated request incomplete".into()).into());
+        };
+        Ok(UserQuery {
+            fingerprint: UserQuery::fingerprint_of(
+                &project,
+                self.filter_text,
+                &self.order,
+                self.show_deleted,
+                search.as_deref(),
+            ),
+            project,
+            filter: self.filter,
+            search,
+            order: self.order,
+            show_deleted: self.show_deleted,
+        })
     }
 }

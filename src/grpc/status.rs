@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::domain::{DomainError, Identifier};
+use crate::domain::{DomainError, Identifier, QueryProblem};
 
 pub const DOMAIN: &str = "user-service";
 const USER_TYPE: &str = "users.v1.User";
@@ -52,6 +52,20 @@ impl From<DomainError> for Status {
                     ),
                 };
                 status(Code::InvalidArgument, message, d)
+            }
+            DomainError::BadQuery {
+                reason,
+                field,
+                description,
+            } => {
+                let reason = match reason {
+                    QueryProblem::Filter => "INVALID_FILTER",
+                    QueryProblem::OrderBy => "INVALID_ORDER_BY",
+                    QueryProblem::PageToken => "INVALID_PAGE_TOKEN",
+                };
+                let mut d = info(reason, &[("field", field.to_owned())]);
+                d.add_bad_request_violation(field, description.clone());
+                status(Code::InvalidArgument, format!("{field}: {description}"), d)
             }
             DomainError::NotFound(name) => {
                 let mut d = info("USER_NOT_FOUND", &[("name", name.clone())]);

@@ -15,7 +15,7 @@ use sea_orm::{
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::entity::{request_ids, users};
-use super::{db_error, explain, find_request, to_model};
+use super::{db_error, explain, find_request, terms, to_model};
 use crate::domain::{Created, DomainError, IdempotencyKey, User};
 
 /// Most users one transaction stores.
@@ -139,7 +139,13 @@ async fn store_batch(db: &DatabaseConnection, jobs: &[Job]) -> Result<Vec<ItemRe
             }
         }
         let sp = txn.begin().await?;
-        match insert_chunked(&sp, models).await {
+        let stored = plain.iter().filter(|i| results[**i].is_none());
+        let stored: Vec<&User> = stored.map(|&i| &jobs[i].user).collect();
+        let inserted = match insert_chunked(&sp, models).await {
+            Ok(()) => terms::insert(&sp, stored).await,
+            Err(e) => Err(e),
+        };
+        match inserted {
             Ok(()) => {
                 sp.commit().await?;
                 for &i in &plain {
@@ -246,6 +252,7 @@ async fn store_one(
         .await
     {
         Ok(_) => {
+            terms::insert(&sp, [user]).await?;
             sp.commit().await?;
             Ok(Ok(Outcome::Inserted))
         }

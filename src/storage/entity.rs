@@ -73,3 +73,26 @@ pub mod request_ids {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod user_terms {
+    use sea_orm::entity::prelude::*;
+
+    /// One index term of a user (see `migration::terms`).
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "user_terms")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub project: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub kind: i16,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub term: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub user_id: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -2,8 +2,10 @@
 
 mod batch;
 mod entity;
+mod query;
 mod read_batch;
 mod sqlite_read;
+mod terms;
 
 use std::time::Duration;
 
@@ -17,9 +19,9 @@ use sea_orm::{
 use tracing::{debug, error, instrument, warn};
 
 use crate::domain::{
-    Address, Birthday, Created, DomainError, Email, ExternalId, IdempotencyKey, Identifier,
+    Address, Birthday, Created, Cursor, DomainError, Email, ExternalId, IdempotencyKey, Identifier,
     Identity, Locale, PhoneNumber, PictureUri, Profile, ProjectId, State, Timestamp, User, UserId,
-    UserRepository, Username,
+    UserQuery, UserRepository, Username,
 };
 use std::sync::Arc;
 
@@ -313,23 +315,40 @@ impl UserRepository for SeaOrmRepository {
     }
 
     #[instrument(skip_all, fields(project = %user.project))]
-    async fn save(&self, user: &User, expected_revision: i64) -> Result<bool, DomainError> {
+    async fn save(&self, user: &User, previous: &User) -> Result<bool, DomainError> {
         // Every column is written (`reset_all` marks them Set); the key is the
         // filter, not a value to write.
         let mut am = users::ActiveModel::from(to_model(user)?).reset_all();
         am.project = sea_orm::ActiveValue::NotSet;
         am.user_id = sea_orm::ActiveValue::NotSet;
-        let res = users::Entity::update_many()
+        let update = users::Entity::update_many()
             .set(am)
             .filter(users::Column::Project.eq(user.project.as_str()))
             .filter(users::Column::UserId.eq(user.id.as_str()))
-            .filter(users::Column::Revision.eq(expected_revision))
-            .exec(&self.db)
-            .await;
-        match res {
-            Ok(res) => Ok(res.rows_affected == 1),
-            Err(e) => Err(explain(&self.db, user, false, db_error(e)).await),
+            .filter(users::Column::Revision.eq(previous.revision));
+        if terms::of(user) == terms::of(previous) {
+            return match update.exec(&self.db).await {
+                Ok(res) => Ok(res.rows_affected == 1),
+                Err(e) => Err(explain(&self.db, user, false, db_error(e)).await),
+            };
         }
+        // The row and its index terms change together.
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let saved = match update.exec(&txn).await {
+            Ok(res) => res.rows_affected == 1,
+            Err(e) => {
+                let e = db_error(e);
+                let _ = txn.rollback().await;
+                return Err(explain(&self.db, user, false, e).await);
+            }
+        };
+        if saved {
+            terms::replace(&txn, user, previous)
+                .await
+                .map_err(db_error)?;
+        }
+        txn.commit().await.map_err(db_error)?;
+        Ok(saved)
     }
 
     #[instrument(skip_all, fields(project = %project))]
@@ -339,14 +358,69 @@ impl UserRepository for SeaOrmRepository {
         id: &UserId,
         expected_revision: i64,
     ) -> Result<bool, DomainError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
         let res = users::Entity::delete_many()
             .filter(users::Column::Project.eq(project.as_str()))
             .filter(users::Column::UserId.eq(id.as_str()))
             .filter(users::Column::Revision.eq(expected_revision))
-            .exec(&self.db)
+            .exec(&txn)
             .await
             .map_err(db_error)?;
+        if res.rows_affected == 1 {
+            terms::delete(&txn, project.as_str(), id.as_str())
+                .await
+                .map_err(db_error)?;
+        }
+        txn.commit().await.map_err(db_error)?;
         Ok(res.rows_affected == 1)
+    }
+
+    #[instrument(skip_all, fields(project = %query.project))]
+    async fn list(
+        &self,
+        query: &UserQuery,
+        after: Option<&Cursor>,
+        limit: u64,
+    ) -> Result<Vec<User>, DomainError> {
+        query::select_page(self.db.get_database_backend(), query, after, limit)
+            .all(&self.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(from_model)
+            .collect()
+    }
+
+    #[instrument(skip_all, fields(project = %query.project))]
+    async fn count(&self, query: &UserQuery) -> Result<u64, DomainError> {
+        let n: Option<i64> = query::select_count(self.db.get_database_backend(), query)
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
+    #[instrument(skip_all, fields(project = %project))]
+    async fn get_many(
+        &self,
+        project: &ProjectId,
+        ids: &[UserId],
+    ) -> Result<Vec<User>, DomainError> {
+        let mut out = Vec::with_capacity(ids.len());
+        // Bounded statements: at most 500 parameters each.
+        for chunk in ids.chunks(500) {
+            let rows = users::Entity::find()
+                .filter(users::Column::Project.eq(project.as_str()))
+                .filter(users::Column::UserId.is_in(chunk.iter().map(|id| id.as_str())))
+                .all(&self.db)
+                .await
+                .map_err(db_error)?;
+            for row in rows {
+                out.push(from_model(row)?);
+            }
+        }
+        Ok(out)
     }
 
     #[instrument(skip_all)]
@@ -364,13 +438,20 @@ impl UserRepository for SeaOrmRepository {
         let mut purged = 0;
         for (project, user_id) in due {
             // Re-checked in the statement: an undelete in between wins.
+            let txn = self.db.begin().await.map_err(db_error)?;
             let res = users::Entity::delete_many()
-                .filter(users::Column::Project.eq(project))
-                .filter(users::Column::UserId.eq(user_id))
+                .filter(users::Column::Project.eq(project.as_str()))
+                .filter(users::Column::UserId.eq(user_id.as_str()))
                 .filter(users::Column::PurgeTime.lte(now.nanos()))
-                .exec(&self.db)
+                .exec(&txn)
                 .await
                 .map_err(db_error)?;
+            if res.rows_affected == 1 {
+                terms::delete(&txn, &project, &user_id)
+                    .await
+                    .map_err(db_error)?;
+            }
+            txn.commit().await.map_err(db_error)?;
             purged += res.rows_affected;
         }
         let horizon = now

@@ -6,6 +6,7 @@ mod harness;
 
 mod create;
 mod lifecycle;
+mod list;
 mod read;
 mod server;
 mod update;

@@ -1,0 +1,99 @@
+//! Writing the index terms of users (`user_terms`, see `migration::terms`)
+//! in the same transaction as the users themselves.
+
+use std::collections::BTreeSet;
+
+use migration::terms::{Indexed, terms};
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
+
+use super::entity::user_terms;
+use crate::domain::{Email, User};
+
+/// Every (kind, term) of `u`.
+pub(crate) fn of(u: &User) -> BTreeSet<(i16, String)> {
+    let p = &u.profile;
+    let email_key = p.email.as_ref().map(Email::key);
+    let secondary_emails: Vec<String> = p
+        .secondary_emails
+        .iter()
+        .map(|e| e.as_str().to_owned())
+        .collect();
+    let secondary_phone_numbers: Vec<String> = p
+        .secondary_phone_numbers
+        .iter()
+        .map(|v| v.as_str().to_owned())
+        .collect();
+    terms(&Indexed {
+        email_key: email_key.as_deref(),
+        phone_number: p.phone_number.as_ref().map(|v| v.as_str()),
+        username: p.username.as_ref().map(|v| v.as_str()),
+        display_name: &p.display_name,
+        given_name: &p.given_name,
+        family_name: &p.family_name,
+        tags: &p.tags,
+        roles: &p.roles,
+        metadata: p
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        secondary_emails: &secondary_emails,
+        secondary_phone_numbers: &secondary_phone_numbers,
+    })
+}
+
+/// Inserts the terms of new users, in multi-row statements of a few fixed
+/// sizes (each size is one prepared statement).
+pub(crate) async fn insert<'a, C: ConnectionTrait>(
+    conn: &C,
+    users: impl IntoIterator<Item = &'a User>,
+) -> Result<(), DbErr> {
+    let mut rows: Vec<user_terms::ActiveModel> = Vec::new();
+    for u in users {
+        for (kind, term) in of(u) {
+            rows.push(user_terms::ActiveModel {
+                project: Set(u.project.as_str().to_owned()),
+                kind: Set(kind),
+                term: Set(term),
+                user_id: Set(u.id.as_str().to_owned()),
+            });
+        }
+    }
+    const SIZES: [usize; 4] = [128, 32, 8, 1];
+    while !rows.is_empty() {
+        let size = SIZES.into_iter().find(|s| *s <= rows.len()).unwrap_or(1);
+        let rest = rows.split_off(size);
+        user_terms::Entity::insert_many(std::mem::replace(&mut rows, rest))
+            .exec_without_returning(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Removes every term of one user.
+pub(crate) async fn delete<C: ConnectionTrait>(
+    conn: &C,
+    project: &str,
+    user_id: &str,
+) -> Result<(), DbErr> {
+    user_terms::Entity::delete_many()
+        .filter(user_terms::Column::Project.eq(project))
+        .filter(user_terms::Column::UserId.eq(user_id))
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
+/// Brings the terms of `user` from those of `previous` to its own.
+pub(crate) async fn replace<C: ConnectionTrait>(
+    conn: &C,
+    user: &User,
+    previous: &User,
+) -> Result<(), DbErr> {
+    let (old, new) = (of(previous), of(user));
+    if old == new {
+        return Ok(());
+    }
+    delete(conn, user.project.as_str(), user.id.as_str()).await?;
+    insert(conn, [user]).await
+}
