@@ -35,6 +35,14 @@ enum Scenario {
     Create,
     /// UpdateUser of a random seeded user (display_name and one metadata key).
     Update,
+    /// ListUsers: first page of 50 with the filter `tags:"cohort-N"` (a tenth
+    /// of the seeded users each), N at random.
+    List,
+    /// SearchUsers: first page of 50 for the prefix `user<k>` of a random
+    /// seeded user's email (k a random prefix of its number).
+    Search,
+    /// CountUsers with the filter `state = ACTIVE AND tags:"cohort-N"`.
+    Count,
     /// GetUser against a trivial in-memory UserService: the framework's limit.
     Ceiling,
 }
@@ -73,6 +81,10 @@ struct Args {
     /// Requests in flight per connection.
     #[arg(long, default_value_t = 32)]
     in_flight: usize,
+
+    /// Concurrent CreateUser calls per connection while seeding.
+    #[arg(long, default_value_t = 32)]
+    seed_in_flight: usize,
 
     /// Measured time per scenario.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -331,7 +343,7 @@ where
 async fn seed(channels: &[Channel], args: &Args, run: &str) -> Result<Seeded, BoxError> {
     let total = args.users as u64;
     let next = Arc::new(AtomicU64::new(0));
-    let workers = channels.len() * args.in_flight;
+    let workers = channels.len() * args.seed_in_flight;
     let mut tasks = Vec::new();
     for w in 0..workers {
         let client = UserServiceClient::new(channels[w % channels.len()].clone());
@@ -422,6 +434,49 @@ async fn run_scenario(
                     .await
                     .map(drop)
                 }
+            })
+            .await
+        }
+        Scenario::List => {
+            load(channels, args, move |mut c, _| async move {
+                c.list_users(pb::ListUsersRequest {
+                    parent: PROJECT.into(),
+                    page_size: 50,
+                    filter: format!("tags:\"cohort-{}\"", fastrand::u8(..10)),
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+            })
+            .await
+        }
+        Scenario::Search => {
+            let n = seeded.names.len().max(1);
+            load(channels, args, move |mut c, _| {
+                let digits = fastrand::usize(..n).to_string();
+                let query = format!("user{}", &digits[..fastrand::usize(1..=digits.len())]);
+                async move {
+                    c.search_users(pb::SearchUsersRequest {
+                        parent: PROJECT.into(),
+                        query,
+                        page_size: 50,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+                }
+            })
+            .await
+        }
+        Scenario::Count => {
+            load(channels, args, move |mut c, _| async move {
+                c.count_users(pb::CountUsersRequest {
+                    parent: PROJECT.into(),
+                    filter: format!("state = ACTIVE AND tags:\"cohort-{}\"", fastrand::u8(..10)),
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
             })
             .await
         }

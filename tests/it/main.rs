@@ -5,6 +5,7 @@
 mod harness;
 
 mod create;
+mod filter_property;
 mod lifecycle;
 mod list;
 mod read;
