@@ -78,8 +78,8 @@ const NAMES: &[&str] = &[
     "Ann", "ann", "Bob", "Zoë", "Ünal", "", "Ann Lee", "Bo*b", "Q\"x",
 ];
 
-fn pick<'a, T>(r: &mut fastrand::Rng, v: &'a [T]) -> &'a T {
-    &v[r.usize(..v.len())]
+fn pick<T: Copy>(r: &mut fastrand::Rng, v: &[T]) -> T {
+    v[r.usize(..v.len())]
 }
 
 fn quote(s: &str) -> String {
@@ -284,7 +284,7 @@ fn eval(f: &F, u: &pb::User) -> bool {
 
 /// A string some user has in this field, or a piece of it, or something else.
 fn sample_text(r: &mut fastrand::Rng, users: &[pb::User], field: &str) -> String {
-    let u = pick(r, users);
+    let u = &users[r.usize(..users.len())];
     let v = text_of(u, field);
     let chars: Vec<char> = v.chars().collect();
     match r.u8(..4) {
@@ -301,7 +301,7 @@ fn sample_text(r: &mut fastrand::Rng, users: &[pb::User], field: &str) -> String
 fn gen_leaf(r: &mut fastrand::Rng, users: &[pb::User]) -> F {
     match r.u8(..10) {
         0 | 1 => {
-            let field = *pick(r, TEXT_FIELDS);
+            let field = pick(r, TEXT_FIELDS);
             let value = sample_text(r, users, field);
             let (lead, trail) = if r.bool() {
                 (false, false)
@@ -309,9 +309,9 @@ fn gen_leaf(r: &mut fastrand::Rng, users: &[pb::User]) -> F {
                 (r.bool(), r.bool())
             };
             let op = if lead || trail {
-                *pick(r, &["=", "!="])
+                pick(r, &["=", "!="])
             } else {
-                *pick(r, OPS)
+                pick(r, OPS)
             };
             F::Text {
                 field,
@@ -322,7 +322,7 @@ fn gen_leaf(r: &mut fastrand::Rng, users: &[pb::User]) -> F {
             }
         }
         2 => {
-            let field = *pick(
+            let field = pick(
                 r,
                 &[
                     "create_time",
@@ -338,25 +338,25 @@ fn gen_leaf(r: &mut fastrand::Rng, users: &[pb::User]) -> F {
                 .unwrap_or(1_700_000_000_000_000_000);
             F::Time {
                 field,
-                op: *pick(r, OPS),
+                op: pick(r, OPS),
                 nanos: base + i128::from(r.i8(-1..=1)),
             }
         }
         3 => F::Birthday {
-            op: *pick(r, OPS),
+            op: pick(r, OPS),
             date: format!("19{:02}-0{}-15", r.u8(80..99), r.u8(1..=9)),
         },
         4 => F::Bool {
-            field: *pick(r, &["email_verified", "phone_number_verified"]),
+            field: pick(r, &["email_verified", "phone_number_verified"]),
             equal: r.bool(),
             value: r.bool(),
         },
         5 => F::State {
             equal: r.bool(),
-            state: *pick(r, STATES),
+            state: pick(r, STATES),
         },
         6 | 7 => {
-            let field = *pick(r, &["tags", "roles"]);
+            let field = pick(r, &["tags", "roles"]);
             let vocab = if field == "tags" { TAGS } else { ROLES };
             match r.u8(..4) {
                 0 => F::Has {
@@ -379,7 +379,7 @@ fn gen_leaf(r: &mut fastrand::Rng, users: &[pb::User]) -> F {
                 },
             }
         }
-        8 => F::HasKey(*pick(r, META_KEYS)),
+        8 => F::HasKey(pick(r, META_KEYS)),
         _ => {
             let (lead, trail) = if r.bool() {
                 (false, false)
@@ -394,11 +394,11 @@ fn gen_leaf(r: &mut fastrand::Rng, users: &[pb::User]) -> F {
                 raw
             };
             F::Meta {
-                key: *pick(r, META_KEYS),
+                key: pick(r, META_KEYS),
                 op: if lead || trail {
-                    *pick(r, &["=", "!="])
+                    pick(r, &["=", "!="])
                 } else {
-                    *pick(r, OPS)
+                    pick(r, OPS)
                 },
                 lead,
                 trail,
