@@ -50,7 +50,7 @@ impl MigrationTrait for Migration {
              ON users (project, state, create_time, user_id)",
         )
         .await?;
-        backfill(db, backend).await
+        backfill(db, backend, false).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -63,7 +63,13 @@ impl MigrationTrait for Migration {
     }
 }
 
-async fn backfill(db: &SchemaManagerConnection<'_>, backend: DatabaseBackend) -> Result<(), DbErr> {
+/// Writes the terms of every stored user; `with_create_time`: the layout of
+/// `m20261122_000003_user_terms_by_time`.
+pub(crate) async fn backfill(
+    db: &SchemaManagerConnection<'_>,
+    backend: DatabaseBackend,
+    with_create_time: bool,
+) -> Result<(), DbErr> {
     let mut after = (String::new(), String::new());
     loop {
         let rows = db
@@ -72,13 +78,13 @@ async fn backfill(db: &SchemaManagerConnection<'_>, backend: DatabaseBackend) ->
                 match backend {
                     DatabaseBackend::Postgres => {
                         "SELECT project, user_id, email_key, phone_number, username, \
-                         display_name, given_name, family_name, tags, roles, metadata, \
+                         display_name, given_name, family_name, tags, roles, metadata, create_time, \
                          secondary_emails, secondary_phone_numbers FROM users \
                          WHERE (project, user_id) > ($1, $2) ORDER BY project, user_id LIMIT $3"
                     }
                     _ => {
                         "SELECT project, user_id, email_key, phone_number, username, \
-                         display_name, given_name, family_name, tags, roles, metadata, \
+                         display_name, given_name, family_name, tags, roles, metadata, create_time, \
                          secondary_emails, secondary_phone_numbers FROM users \
                          WHERE (project, user_id) > (?, ?) ORDER BY project, user_id LIMIT ?"
                     }
@@ -95,7 +101,7 @@ async fn backfill(db: &SchemaManagerConnection<'_>, backend: DatabaseBackend) ->
         };
         after = (last.try_get("", "project")?, last.try_get("", "user_id")?);
         for row in &rows {
-            insert_terms(db, backend, row).await?;
+            insert_terms(db, backend, row, with_create_time).await?;
         }
     }
 }
@@ -109,7 +115,9 @@ async fn insert_terms(
     db: &SchemaManagerConnection<'_>,
     backend: DatabaseBackend,
     row: &QueryResult,
+    with_create_time: bool,
 ) -> Result<(), DbErr> {
+    let create_time: i64 = row.try_get("", "create_time")?;
     let project: String = row.try_get("", "project")?;
     let user_id: String = row.try_get("", "user_id")?;
     let email_key: Option<String> = row.try_get("", "email_key")?;
@@ -141,24 +149,23 @@ async fn insert_terms(
         secondary_emails: &secondary_emails,
         secondary_phone_numbers: &secondary_phone_numbers,
     });
-    let sql = match backend {
-        DatabaseBackend::Postgres => {
-            "INSERT INTO user_terms (project, kind, term, user_id) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT DO NOTHING"
-        }
-        _ => {
-            "INSERT INTO user_terms (project, kind, term, user_id) VALUES (?, ?, ?, ?) \
-             ON CONFLICT DO NOTHING"
-        }
+    let (columns, marks) = match (with_create_time, backend) {
+        (true, DatabaseBackend::Postgres) => (
+            "project, kind, term, create_time, user_id",
+            "$1, $2, $3, $4, $5",
+        ),
+        (true, _) => ("project, kind, term, create_time, user_id", "?, ?, ?, ?, ?"),
+        (false, DatabaseBackend::Postgres) => ("project, kind, term, user_id", "$1, $2, $3, $4"),
+        (false, _) => ("project, kind, term, user_id", "?, ?, ?, ?"),
     };
+    let sql = format!("INSERT INTO user_terms ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING");
     for (kind, term) in all {
-        let values: [Value; 4] = [
-            project.clone().into(),
-            kind.into(),
-            term.into(),
-            user_id.clone().into(),
-        ];
-        db.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+        let mut values: Vec<Value> = vec![project.clone().into(), kind.into(), term.into()];
+        if with_create_time {
+            values.push(create_time.into());
+        }
+        values.push(user_id.clone().into());
+        db.execute_raw(Statement::from_sql_and_values(backend, &sql, values))
             .await?;
     }
     Ok(())

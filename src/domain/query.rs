@@ -25,6 +25,9 @@ pub enum OrderField {
     FamilyName,
     Username,
     LastLoginTime,
+    /// SearchUsers' default: the smallest lower-cased searchable value that
+    /// starts with the query. Not accepted in `order_by`.
+    SearchMatch,
 }
 
 impl OrderField {
@@ -50,6 +53,7 @@ impl OrderField {
             Self::FamilyName => "family_name",
             Self::Username => "username",
             Self::LastLoginTime => "last_login_time",
+            Self::SearchMatch => "search_match",
         }
     }
 
@@ -62,8 +66,9 @@ impl OrderField {
     }
 
     /// The sort key of `u`: an unset field is the smallest value (`""`, or -1
-    /// for a time, since stored times are never negative).
-    pub fn key_of(self, u: &User) -> SortValue {
+    /// for a time, since stored times are never negative). `search`: the
+    /// folded SearchUsers query, for `SearchMatch`.
+    pub fn key_of(self, u: &User, search: Option<&str>) -> SortValue {
         let p = &u.profile;
         match self {
             Self::CreateTime => SortValue::Int(u.create_time.nanos()),
@@ -78,6 +83,24 @@ impl OrderField {
                     .map(|v| v.as_str().to_owned())
                     .unwrap_or_default(),
             ),
+            Self::SearchMatch => {
+                let prefix = search.unwrap_or_default();
+                let email = p.email.as_ref().map(|e| e.key());
+                [
+                    email.as_deref(),
+                    p.phone_number.as_ref().map(|v| v.as_str()),
+                    p.username.as_ref().map(|v| v.as_str()),
+                    Some(p.display_name.as_str()),
+                    Some(p.given_name.as_str()),
+                    Some(p.family_name.as_str()),
+                ]
+                .into_iter()
+                .flatten()
+                .map(migration::terms::fold)
+                .filter(|v| v.starts_with(prefix))
+                .min()
+                .map_or(SortValue::Text(String::new()), SortValue::Text)
+            }
         }
     }
 }
@@ -143,6 +166,27 @@ impl OrderBy {
         Ok(Self(keys))
     }
 
+    /// SearchUsers without `order_by`: best match first (the matched value in
+    /// code-point order, so the query itself, then its shortest completions),
+    /// then oldest first.
+    pub fn search_default() -> Self {
+        Self(vec![
+            OrderKey {
+                field: OrderField::SearchMatch,
+                desc: false,
+            },
+            OrderKey {
+                field: OrderField::CreateTime,
+                desc: false,
+            },
+        ])
+    }
+
+    /// Whether this is `search_default`.
+    pub fn is_search_match(&self) -> bool {
+        self.0.first().map(|k| k.field) == Some(OrderField::SearchMatch)
+    }
+
     pub fn keys(&self) -> &[OrderKey] {
         &self.0
     }
@@ -168,9 +212,9 @@ impl OrderBy {
     }
 
     /// The position of `u` in this order: the keyset cursor after it.
-    pub fn cursor_of(&self, u: &User) -> Cursor {
+    pub fn cursor_of(&self, u: &User, search: Option<&str>) -> Cursor {
         Cursor {
-            values: self.0.iter().map(|k| k.field.key_of(u)).collect(),
+            values: self.0.iter().map(|k| k.field.key_of(u, search)).collect(),
             user_id: u.id.as_str().to_owned(),
         }
     }

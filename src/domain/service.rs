@@ -257,7 +257,9 @@ impl<R: UserRepository> Users<R> {
             users.truncate(size as usize);
             users
                 .last()
-                .map(|u| encode_page_token(query, &query.order.cursor_of(u)))
+                .map(|u| {
+                    encode_page_token(query, &query.order.cursor_of(u, query.search.as_deref()))
+                })
                 .unwrap_or_default()
         } else {
             String::new()

@@ -266,6 +266,9 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         let req = request.into_inner();
         let mut q = QueryRequest::new(&req.parent, &req.filter, &req.order_by, req.show_deleted);
         let size = q.page_size(req.page_size);
+        if req.order_by.trim().is_empty() {
+            q.order = OrderBy::search_default();
+        }
         let search =
             q.v.check(|| "query".into(), query::parse_search(&req.query));
         let query = q.finish(search)?;

@@ -87,6 +87,9 @@ pub mod user_terms {
         pub kind: i16,
         #[sea_orm(primary_key, auto_increment = false)]
         pub term: String,
+        /// The user's `create_time`: a term's users in list order.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub create_time: i64,
         #[sea_orm(primary_key, auto_increment = false)]
         pub user_id: String,
     }

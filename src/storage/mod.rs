@@ -14,7 +14,7 @@ use sea_orm::sqlx;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
     DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, RuntimeErr, SqlErr,
-    TransactionTrait,
+    Statement, TransactionTrait,
 };
 use tracing::{debug, error, instrument, warn};
 
@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use batch::Batcher;
 use entity::{request_ids, users};
+use query::Plan;
 use read_batch::ReadBatcher;
 use sqlite_read::{LookupColumn, SqliteReaders};
 
@@ -219,6 +220,93 @@ pub(crate) async fn explain<C: ConnectionTrait>(
     }
 }
 
+impl SeaOrmRepository {
+    /// How `query` is read: decided from its shape, or by counting (up to a
+    /// bound) the users having its most selective term.
+    async fn plan(&self, query: &UserQuery) -> Result<Plan, DomainError> {
+        match query::plan(query) {
+            Ok(plan) => Ok(plan),
+            Err(driver) => {
+                let stmt = query::probe_count(self.db.get_database_backend(), query, &driver);
+                let n: i64 = match self.db.query_one_raw(stmt).await.map_err(db_error)? {
+                    Some(row) => row.try_get("", "n").map_err(db_error)?,
+                    None => 0,
+                };
+                Ok(if n as u64 <= query::SORT_LIMIT {
+                    Plan::Sorted(driver)
+                } else {
+                    Plan::Scan
+                })
+            }
+        }
+    }
+
+    /// The statements a ListUsers/SearchUsers page of `query` runs, with the
+    /// engine's plan for each (SQLite `EXPLAIN QUERY PLAN`, PostgreSQL
+    /// `EXPLAIN`), one line per plan node. For tests and diagnosis.
+    pub async fn explain_list(
+        &self,
+        query: &UserQuery,
+        after: Option<&Cursor>,
+        limit: u64,
+    ) -> Result<Vec<(String, Vec<String>)>, DomainError> {
+        let backend = self.db.get_database_backend();
+        let mut out = Vec::new();
+        let plan = match query::plan(query) {
+            Ok(plan) => plan,
+            Err(driver) => {
+                out.push(
+                    self.explain(query::probe_count(backend, query, &driver))
+                        .await?,
+                );
+                self.plan(query).await?
+            }
+        };
+        out.push(
+            self.explain(query::select_page(backend, query, &plan, after, limit))
+                .await?,
+        );
+        Ok(out)
+    }
+
+    /// As `explain_list`, for CountUsers.
+    pub async fn explain_count(
+        &self,
+        query: &UserQuery,
+    ) -> Result<Vec<(String, Vec<String>)>, DomainError> {
+        let backend = self.db.get_database_backend();
+        let driver = query::count_driver(query);
+        Ok(vec![
+            self.explain(query::select_count(backend, query, driver.as_ref()))
+                .await?,
+        ])
+    }
+
+    async fn explain(&self, stmt: Statement) -> Result<(String, Vec<String>), DomainError> {
+        let backend = self.db.get_database_backend();
+        let prefix = match backend {
+            DatabaseBackend::Postgres => "EXPLAIN ",
+            _ => "EXPLAIN QUERY PLAN ",
+        };
+        let sql = stmt.sql.clone();
+        let explain = Statement {
+            sql: format!("{prefix}{}", stmt.sql),
+            ..stmt
+        };
+        let rows = self.db.query_all_raw(explain).await.map_err(db_error)?;
+        let mut lines = Vec::new();
+        for row in rows {
+            let line: String = match backend {
+                DatabaseBackend::Postgres => row.try_get("", "QUERY PLAN"),
+                _ => row.try_get("", "detail"),
+            }
+            .map_err(db_error)?;
+            lines.push(line);
+        }
+        Ok((sql, lines))
+    }
+}
+
 impl UserRepository for SeaOrmRepository {
     #[instrument(skip_all, fields(project = %user.project))]
     async fn insert(
@@ -382,7 +470,11 @@ impl UserRepository for SeaOrmRepository {
         after: Option<&Cursor>,
         limit: u64,
     ) -> Result<Vec<User>, DomainError> {
-        query::select_page(self.db.get_database_backend(), query, after, limit)
+        let backend = self.db.get_database_backend();
+        let plan = self.plan(query).await?;
+        let stmt = query::select_page(backend, query, &plan, after, limit);
+        users::Entity::find()
+            .from_raw_sql(stmt)
             .all(&self.db)
             .await
             .map_err(db_error)?
@@ -393,12 +485,15 @@ impl UserRepository for SeaOrmRepository {
 
     #[instrument(skip_all, fields(project = %query.project))]
     async fn count(&self, query: &UserQuery) -> Result<u64, DomainError> {
-        let n: Option<i64> = query::select_count(self.db.get_database_backend(), query)
-            .into_tuple()
-            .one(&self.db)
-            .await
-            .map_err(db_error)?;
-        Ok(n.unwrap_or(0).max(0) as u64)
+        let backend = self.db.get_database_backend();
+        let driver = query::count_driver(query);
+        let stmt = query::select_count(backend, query, driver.as_ref());
+        let n = self.db.query_one_raw(stmt).await.map_err(db_error)?;
+        let n: i64 = match n {
+            Some(row) => row.try_get("", "n").map_err(db_error)?,
+            None => 0,
+        };
+        Ok(n.max(0) as u64)
     }
 
     #[instrument(skip_all, fields(project = %project))]

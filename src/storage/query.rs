@@ -9,11 +9,10 @@
 //! - every leaf is TRUE or FALSE, never NULL, so `NOT` is exact.
 
 use migration::terms as kinds;
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, Order, Query, SelectStatement};
-use sea_orm::{
-    ColumnTrait, Condition, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    Select, Value,
+use sea_orm::sea_query::{
+    Alias, Asterisk, Expr, ExprTrait, Func, JoinType, Order, Query, SelectStatement,
 };
+use sea_orm::{ColumnTrait, Condition, DatabaseBackend, Statement, Value};
 
 use super::entity::users;
 use crate::domain::filter::{
@@ -31,33 +30,178 @@ pub(crate) enum Purpose {
     Count,
 }
 
+/// Most users a `Sorted` plan reads and sorts; above it a `Scan` in the
+/// requested order stops after one page sooner.
+pub(crate) const SORT_LIMIT: u64 = 2000;
+
+/// A term condition that every selected user satisfies (a conjunct of the
+/// filter, or the search prefix): the terms' index can drive the query.
+#[derive(Clone, Debug)]
+pub(crate) struct Driver {
+    kind: i16,
+    test: TermTest,
+}
+
+impl Driver {
+    /// One exact term: at most one row per user, in `create_time` order.
+    fn is_exact(&self) -> bool {
+        matches!(self.test, TermTest::Eq(_))
+    }
+}
+
+/// How one page is read.
+#[derive(Clone, Debug)]
+pub(crate) enum Plan {
+    /// `users` through the index of the order (or of a filtered column),
+    /// term conditions probed per row; stops after one page.
+    Scan,
+    /// The default order with an exact term: that term's index entries are
+    /// in `create_time` order, so one page reads one page of entries.
+    Ordered(Driver),
+    /// Few users (at most `SORT_LIMIT`) have the driver's terms: read them
+    /// and sort.
+    Sorted(Driver),
+    /// SearchUsers' default order: the search terms are the order.
+    Match(Driver),
+}
+
+/// The term conditions of `q` that can drive it: the search prefix, then the
+/// term leaves of the filter's top-level conjunction.
+fn drivers(q: &UserQuery) -> Vec<Driver> {
+    let mut out = Vec::new();
+    if let Some(prefix) = &q.search {
+        out.push(Driver {
+            kind: kinds::SEARCH,
+            test: TermTest::Prefix(prefix.clone()),
+        });
+    }
+    let top: &[Filter] = match &q.filter {
+        Some(Filter::And(parts)) => parts,
+        Some(f) => std::slice::from_ref(f),
+        None => &[],
+    };
+    for f in top {
+        if let Some((kind, test)) = term_leaf(f) {
+            out.push(Driver { kind, test });
+        }
+    }
+    out
+}
+
+/// The plan of `q` before counting anything: `Ok` when it is decided,
+/// `Err(driver)` when it depends on how many users have the driver's terms
+/// (at most `SORT_LIMIT`: `Sorted`, else `Scan`).
+pub(crate) fn plan(q: &UserQuery) -> Result<Plan, Driver> {
+    let ds = drivers(q);
+    if q.order.is_search_match() {
+        if let Some(d) = ds.into_iter().find(|d| d.kind == kinds::SEARCH) {
+            return Ok(Plan::Match(d));
+        }
+        return Ok(Plan::Scan);
+    }
+    let by_create_time = matches!(q.order.keys(), [k] if k.field == OrderField::CreateTime);
+    if by_create_time && let Some(d) = ds.iter().find(|d| d.is_exact()) {
+        return Ok(Plan::Ordered(d.clone()));
+    }
+    match ds.iter().find(|d| d.is_exact()).or(ds.first()) {
+        Some(d) => Err(d.clone()),
+        None => Ok(Plan::Scan),
+    }
+}
+
+/// `SELECT COUNT(*)` of the driver's term rows, counting at most
+/// `SORT_LIMIT + 1`.
+pub(crate) fn probe_count(backend: DatabaseBackend, q: &UserQuery, d: &Driver) -> Statement {
+    let c = Compiler { backend };
+    let mut sub = Query::select();
+    sub.expr(Expr::cust("1"))
+        .from_as(Alias::new("user_terms"), Alias::new("d"))
+        .cond_where(c.term_cond("d", Some(q.project.as_str()), d.kind, &d.test))
+        .limit(SORT_LIMIT + 1);
+    let mut outer = Query::select();
+    outer
+        .expr_as(Expr::cust("COUNT(*)"), Alias::new("n"))
+        .from_subquery(sub, Alias::new("x"));
+    backend.build(&outer)
+}
+
 /// The SELECT for one page of `q` after `after`, at most `limit` rows.
 pub(crate) fn select_page(
     backend: DatabaseBackend,
     q: &UserQuery,
+    plan: &Plan,
     after: Option<&Cursor>,
     limit: u64,
-) -> Select<users::Entity> {
+) -> Statement {
     let c = Compiler { backend };
-    let mut select = users::Entity::find().filter(c.base(q, Purpose::List));
-    if let Some(cursor) = after {
-        select = select.filter(c.after(q, cursor));
+    let (driver, ordered) = match plan {
+        Plan::Scan => (None, false),
+        Plan::Ordered(d) | Plan::Match(d) => (Some(d), true),
+        Plan::Sorted(d) => (Some(d), false),
+    };
+    let mut s = Query::select();
+    s.column((users::Entity, Asterisk));
+    match driver {
+        None => {
+            s.from(users::Entity);
+        }
+        Some(d) => c.drive(&mut s, q, d),
     }
-    for key in q.order.keys() {
-        select = select.order_by(Expr::cust(c.sort_expr(key.field)), dir(key.desc));
+    s.cond_where(c.base(q, Purpose::List));
+    let tie_desc = q.order.tie_desc();
+    if ordered {
+        // The driver's index order: (term,) create_time, user_id.
+        let d = |col: &str| format!("\"d\".\"{col}\"");
+        let mut cols = Vec::new();
+        if matches!(plan, Plan::Match(_)) {
+            cols.push(d("term"));
+        }
+        cols.push(d("create_time"));
+        cols.push(d("user_id"));
+        if let Some(cursor) = after {
+            s.and_where(c.after_columns(&cols, tie_desc, cursor));
+        }
+        for col in cols {
+            s.order_by_expr(Expr::cust(col), dir(tie_desc));
+        }
+    } else {
+        if let Some(cursor) = after {
+            s.and_where(c.after(q, cursor));
+        }
+        for key in q.order.keys() {
+            s.order_by_expr(Expr::cust(c.sort_expr(key.field)), dir(key.desc));
+        }
+        s.order_by((users::Entity, users::Column::UserId), dir(tie_desc));
     }
-    select
-        .order_by(users::Column::UserId, dir(q.order.tie_desc()))
-        .limit(limit)
+    s.limit(limit);
+    backend.build(&s)
 }
 
-/// `SELECT COUNT(*)` over the users of `q`.
-pub(crate) fn select_count(backend: DatabaseBackend, q: &UserQuery) -> Select<users::Entity> {
+/// `SELECT COUNT(*)` over the users of `q`, from the terms of `driver` when
+/// given.
+pub(crate) fn select_count(
+    backend: DatabaseBackend,
+    q: &UserQuery,
+    driver: Option<&Driver>,
+) -> Statement {
     let c = Compiler { backend };
-    users::Entity::find()
-        .select_only()
-        .column_as(Expr::cust("COUNT(*)"), "n")
-        .filter(c.base(q, Purpose::Count))
+    let mut s = Query::select();
+    s.expr_as(Expr::cust("COUNT(*)"), Alias::new("n"));
+    match driver {
+        None => {
+            s.from(users::Entity);
+        }
+        Some(d) => c.drive(&mut s, q, d),
+    }
+    s.cond_where(c.base(q, Purpose::Count));
+    backend.build(&s)
+}
+
+/// The driver for a count: any term condition beats reading every user.
+pub(crate) fn count_driver(q: &UserQuery) -> Option<Driver> {
+    let ds = drivers(q);
+    let exact = ds.iter().position(|d| d.is_exact());
+    exact.map(|i| ds[i].clone()).or(ds.into_iter().next())
 }
 
 fn dir(desc: bool) -> Order {
@@ -134,30 +278,30 @@ impl Compiler {
             });
         }
         if let Some(prefix) = &q.search {
-            cond = cond.add(self.in_terms(q, kinds::SEARCH, TermTest::Prefix(prefix.clone())));
+            cond = cond.add(self.in_terms(kinds::SEARCH, TermTest::Prefix(prefix.clone())));
         }
         if let Some(f) = &q.filter {
-            cond = cond.add(self.filter(q, f));
+            cond = cond.add(self.filter(f));
         }
         cond
     }
 
-    fn filter(&self, q: &UserQuery, f: &Filter) -> Expr {
+    fn filter(&self, f: &Filter) -> Expr {
         match f {
             Filter::And(parts) => parts
                 .iter()
-                .fold(Condition::all(), |c, p| c.add(self.filter(q, p)))
+                .fold(Condition::all(), |c, p| c.add(self.filter(p)))
                 .into(),
             Filter::Or(parts) => parts
                 .iter()
-                .fold(Condition::any(), |c, p| c.add(self.filter(q, p)))
+                .fold(Condition::any(), |c, p| c.add(self.filter(p)))
                 .into(),
             // Unknown (NULL) counts as false, so the negation is exact.
             Filter::Not(inner) => {
-                Expr::from(Func::coalesce([self.filter(q, inner), Expr::val(false)])).not()
+                Expr::from(Func::coalesce([self.filter(inner), Expr::val(false)])).not()
             }
             Filter::Const(b) => Expr::cust(if *b { "1 = 1" } else { "1 = 0" }),
-            Filter::Text { field, op, value } => self.text(q, *field, *op, value),
+            Filter::Text { field, op, value } => self.text(*field, *op, value),
             Filter::Time { field, op, nanos } => {
                 let (column, nullable) = time_column(*field);
                 nullable_cmp(Expr::col((users::Entity, column)), nullable, *op, *nanos)
@@ -190,28 +334,15 @@ impl Compiler {
                     users::Column::State.ne(*state as i32)
                 }
             }
-            Filter::Has { field, member } => {
-                let kind = match field {
-                    ListField::Tags => kinds::TAG,
-                    ListField::Roles => kinds::ROLE,
-                    ListField::SecondaryEmails => kinds::SECONDARY_EMAIL,
-                    ListField::SecondaryPhoneNumbers => kinds::SECONDARY_PHONE,
-                };
-                let test = match member {
-                    Member::Any => TermTest::Prefix(String::new()),
-                    Member::Exact(v) => TermTest::Eq(v.clone()),
-                    Member::Prefix(p) => TermTest::Prefix(p.clone()),
-                };
-                self.in_terms(q, kind, test)
-            }
-            Filter::HasMetadataKey(key) => {
-                self.in_terms(q, kinds::METADATA, TermTest::Prefix(meta_prefix(key)))
-            }
-            Filter::Metadata { key, op, value } => self.metadata(q, key, *op, value),
+            Filter::Has { .. } | Filter::HasMetadataKey(_) => match term_leaf(f) {
+                Some((kind, test)) => self.in_terms(kind, test),
+                None => Expr::cust("1 = 0"),
+            },
+            Filter::Metadata { key, op, value } => self.metadata(key, *op, value),
         }
     }
 
-    fn text(&self, q: &UserQuery, field: TextField, op: Op, value: &Pattern) -> Expr {
+    fn text(&self, field: TextField, op: Op, value: &Pattern) -> Expr {
         let (name, nullable) = text_column(field);
         let col = format!("{T}\"{name}\"");
         let v = if nullable {
@@ -238,8 +369,7 @@ impl Compiler {
             (Op::Eq | Op::Ne, Pattern::Suffix(s)) if s.is_empty() => Expr::cust("1 = 1"),
             // `*@example.com`: the reversed addresses make a suffix a range.
             (Op::Eq | Op::Ne, Pattern::Suffix(s)) if field == TextField::Email => {
-                let reversed = migration::terms::reversed(s);
-                self.in_terms(q, kinds::EMAIL_REVERSED, TermTest::Prefix(reversed))
+                self.in_terms(kinds::EMAIL_REVERSED, email_suffix(s))
             }
             (Op::Eq | Op::Ne, Pattern::Suffix(s)) => self.suffix(&v, s),
             (Op::Eq | Op::Ne, Pattern::Contains(s)) => self.contains(&v, s),
@@ -281,106 +411,142 @@ impl Compiler {
         self.cust(format!("{f}({v}, ?) > 0"), [s.to_owned()])
     }
 
-    fn metadata(&self, q: &UserQuery, key: &str, op: Op, value: &Pattern) -> Expr {
-        let prefix = meta_prefix(key);
-        let has_key = || self.in_terms(q, kinds::METADATA, TermTest::Prefix(prefix.clone()));
-        let term = |v: &str| format!("{prefix}{v}");
-        let matching = match value {
-            Pattern::Exact(v) => match op {
-                Op::Eq | Op::Ne => TermTest::Eq(term(v)),
-                Op::Lt => TermTest::Range(Some((prefix.clone(), true)), Some((term(v), false))),
-                Op::Le => TermTest::Range(Some((prefix.clone(), true)), Some((term(v), true))),
-                Op::Gt => TermTest::Range(
-                    Some((term(v), false)),
-                    prefix_upper(&prefix).map(|u| (u, false)),
-                ),
-                Op::Ge => TermTest::Range(
-                    Some((term(v), true)),
-                    prefix_upper(&prefix).map(|u| (u, false)),
-                ),
-            },
-            Pattern::Prefix(p) => TermTest::Prefix(term(p)),
-            Pattern::Suffix(s) => TermTest::ValueSuffix {
-                prefix: prefix.clone(),
-                suffix: s.clone(),
-            },
-            Pattern::Contains(s) => TermTest::ValueContains {
-                prefix: prefix.clone(),
-                part: s.clone(),
-            },
-        };
-        let positive = self.in_terms(q, kinds::METADATA, matching);
+    fn metadata(&self, key: &str, op: Op, value: &Pattern) -> Expr {
+        let positive = self.in_terms(kinds::METADATA, metadata_test(key, op, value));
         if op == Op::Ne {
             // The key is there and its value does not match.
-            Condition::all().add(has_key()).add(positive.not()).into()
+            Condition::all()
+                .add(self.in_terms(kinds::METADATA, TermTest::Prefix(meta_prefix(key))))
+                .add(positive.not())
+                .into()
         } else {
             positive
         }
     }
 
-    /// `users.user_id IN (SELECT user_id FROM user_terms WHERE ...)`.
-    fn in_terms(&self, q: &UserQuery, kind: i16, test: TermTest) -> Expr {
-        let term = Alias::new("term");
-        let mut sub: SelectStatement = Query::select()
-            .column(Alias::new("user_id"))
-            .from(Alias::new("user_terms"))
-            .and_where(Expr::col(Alias::new("project")).eq(q.project.as_str()))
-            .and_where(Expr::col(Alias::new("kind")).eq(kind))
-            .to_owned();
+    /// `EXISTS` a term of the row's user: one seek of `ix_user_terms_user`.
+    fn in_terms(&self, kind: i16, test: TermTest) -> Expr {
+        let mut sub = Query::select();
+        sub.expr(Expr::cust("1"))
+            .from_as(Alias::new("user_terms"), Alias::new("p"))
+            .and_where(
+                Expr::col((Alias::new("p"), Alias::new("project")))
+                    .equals((users::Entity, users::Column::Project)),
+            )
+            .and_where(
+                Expr::col((Alias::new("p"), Alias::new("user_id")))
+                    .equals((users::Entity, users::Column::UserId)),
+            )
+            .cond_where(self.term_cond("p", None, kind, &test));
+        Expr::exists(sub)
+    }
+
+    /// `FROM user_terms d JOIN users` on the user of each of the driver's
+    /// terms. A user with several terms in a range counts at its first.
+    fn drive(&self, s: &mut SelectStatement, q: &UserQuery, d: &Driver) {
+        let dcol = |c: &str| Expr::col((Alias::new("d"), Alias::new(c)));
+        s.from_as(Alias::new("user_terms"), Alias::new("d"))
+            .join(
+                JoinType::InnerJoin,
+                users::Entity,
+                Condition::all()
+                    .add(
+                        Expr::col((users::Entity, users::Column::Project))
+                            .equals((Alias::new("d"), Alias::new("project"))),
+                    )
+                    .add(
+                        Expr::col((users::Entity, users::Column::UserId))
+                            .equals((Alias::new("d"), Alias::new("user_id"))),
+                    ),
+            )
+            .cond_where(self.term_cond("d", Some(q.project.as_str()), d.kind, &d.test));
+        if !d.is_exact() {
+            let mut earlier = Query::select();
+            earlier
+                .expr(Expr::cust("1"))
+                .from_as(Alias::new("user_terms"), Alias::new("e"))
+                .and_where(
+                    Expr::col((Alias::new("e"), Alias::new("project")))
+                        .equals((Alias::new("d"), Alias::new("project"))),
+                )
+                .and_where(
+                    Expr::col((Alias::new("e"), Alias::new("user_id")))
+                        .equals((Alias::new("d"), Alias::new("user_id"))),
+                )
+                .cond_where(self.term_cond("e", None, d.kind, &d.test))
+                .and_where(Expr::col((Alias::new("e"), Alias::new("term"))).lt(dcol("term")));
+            s.and_where(Expr::not_exists(earlier));
+        }
+    }
+
+    /// The conditions on the terms row `alias` of one kind and test; with
+    /// `project`, also its project.
+    fn term_cond(
+        &self,
+        alias: &str,
+        project: Option<&str>,
+        kind: i16,
+        test: &TermTest,
+    ) -> Condition {
+        let col = |c: &str| Expr::col((Alias::new(alias), Alias::new(c)));
+        let term = format!("\"{alias}\".\"term\"");
+        let mut cond = Condition::all();
+        if let Some(p) = project {
+            cond = cond.add(col("project").eq(p));
+        }
+        cond = cond.add(col("kind").eq(kind));
         let range =
-            |sub: &mut SelectStatement, lo: Option<(String, bool)>, hi: Option<(String, bool)>| {
+            |mut cond: Condition, lo: &Option<(String, bool)>, hi: &Option<(String, bool)>| {
                 if let Some((lo, inclusive)) = lo {
-                    sub.and_where(if inclusive {
-                        Expr::col(term.clone()).gte(lo)
+                    cond = cond.add(if *inclusive {
+                        col("term").gte(lo.clone())
                     } else {
-                        Expr::col(term.clone()).gt(lo)
+                        col("term").gt(lo.clone())
                     });
                 }
                 if let Some((hi, inclusive)) = hi {
-                    sub.and_where(if inclusive {
-                        Expr::col(term.clone()).lte(hi)
+                    cond = cond.add(if *inclusive {
+                        col("term").lte(hi.clone())
                     } else {
-                        Expr::col(term.clone()).lt(hi)
+                        col("term").lt(hi.clone())
                     });
                 }
+                cond
             };
         match test {
-            TermTest::Eq(v) => {
-                sub.and_where(Expr::col(term.clone()).eq(v));
-            }
-            TermTest::Prefix(p) if p.is_empty() => {}
+            TermTest::Eq(v) => cond.add(col("term").eq(v.clone())),
+            TermTest::Prefix(p) if p.is_empty() => cond,
             TermTest::Prefix(p) => {
-                let hi = prefix_upper(&p).map(|u| (u, false));
-                range(&mut sub, Some((p, true)), hi);
+                let hi = prefix_upper(p).map(|u| (u, false));
+                range(cond, &Some((p.clone(), true)), &hi)
             }
-            TermTest::Range(lo, hi) => range(&mut sub, lo, hi),
+            TermTest::Range(lo, hi) => range(cond, lo, hi),
             TermTest::ValueSuffix { prefix, suffix } => {
-                let hi = prefix_upper(&prefix).map(|u| (u, false));
+                let hi = prefix_upper(prefix).map(|u| (u, false));
                 let min_len = (prefix.chars().count() + suffix.chars().count()) as i32;
-                range(&mut sub, Some((prefix, true)), hi);
-                sub.and_where(self.cust(
-                    "length(\"term\") >= ? AND substr(\"term\", length(\"term\") - ? + 1) = ?",
+                range(cond, &Some((prefix.clone(), true)), &hi).add(self.cust(
+                    format!("length({term}) >= ? AND substr({term}, length({term}) - ? + 1) = ?"),
                     [
                         Value::from(min_len),
                         Value::from(suffix.chars().count() as i32),
-                        Value::from(suffix),
+                        Value::from(suffix.clone()),
                     ],
-                ));
+                ))
             }
             TermTest::ValueContains { prefix, part } => {
-                let hi = prefix_upper(&prefix).map(|u| (u, false));
+                let hi = prefix_upper(prefix).map(|u| (u, false));
                 let start = prefix.chars().count() as i32 + 1;
-                range(&mut sub, Some((prefix, true)), hi);
-                if !part.is_empty() {
-                    let f = if self.pg() { "strpos" } else { "instr" };
-                    sub.and_where(self.cust(
-                        format!("{f}(substr(\"term\", ?), ?) > 0"),
-                        [Value::from(start), Value::from(part)],
-                    ));
+                let cond = range(cond, &Some((prefix.clone(), true)), &hi);
+                if part.is_empty() {
+                    return cond;
                 }
+                let f = if self.pg() { "strpos" } else { "instr" };
+                cond.add(self.cust(
+                    format!("{f}(substr({term}, ?), ?) > 0"),
+                    [Value::from(start), Value::from(part.clone())],
+                ))
             }
         }
-        Expr::col((users::Entity, users::Column::UserId)).in_subquery(sub)
     }
 
     /// The SQL of a sort key; unset values sort as the smallest.
@@ -393,7 +559,28 @@ impl Compiler {
             OrderField::DisplayName => self.binary(&format!("{T}\"display_name\"")),
             OrderField::FamilyName => self.binary(&format!("{T}\"family_name\"")),
             OrderField::Username => self.binary(&format!("COALESCE({T}\"username\", '')")),
+            // Only the `Match` plan orders by it, on its own columns.
+            OrderField::SearchMatch => "\"d\".\"term\"".to_owned(),
         }
+    }
+
+    /// Rows strictly after `cursor` on the driver's own columns, all in one
+    /// direction: a row-value comparison the terms' index seeks to.
+    fn after_columns(&self, cols: &[String], desc: bool, cursor: &Cursor) -> Expr {
+        let mut values: Vec<Value> = cursor
+            .values
+            .iter()
+            .map(|v| match v {
+                SortValue::Int(n) => Value::from(*n),
+                SortValue::Text(s) => Value::from(s.clone()),
+            })
+            .collect();
+        values.push(Value::from(cursor.user_id.clone()));
+        // The columns' own collations (`term` is byte-wise by definition), as
+        // in the ORDER BY and the index.
+        let marks = vec!["?"; values.len()].join(", ");
+        let op = if desc { "<" } else { ">" };
+        self.cust(format!("({}) {op} ({marks})", cols.join(", ")), values)
     }
 
     /// Rows strictly after `cursor` in the order of `q`. With one direction
@@ -442,6 +629,7 @@ impl Compiler {
     }
 }
 
+#[derive(Clone, Debug)]
 enum TermTest {
     Eq(String),
     /// Every term starting with this (all of the kind when empty).
@@ -458,6 +646,73 @@ enum TermTest {
         prefix: String,
         part: String,
     },
+}
+
+/// The term condition of a filter leaf that holds exactly when the user has
+/// a matching term; `None` for other leaves.
+fn term_leaf(f: &Filter) -> Option<(i16, TermTest)> {
+    match f {
+        Filter::Has { field, member } => {
+            let kind = match field {
+                ListField::Tags => kinds::TAG,
+                ListField::Roles => kinds::ROLE,
+                ListField::SecondaryEmails => kinds::SECONDARY_EMAIL,
+                ListField::SecondaryPhoneNumbers => kinds::SECONDARY_PHONE,
+            };
+            let test = match member {
+                Member::Any => TermTest::Prefix(String::new()),
+                Member::Exact(v) => TermTest::Eq(v.clone()),
+                Member::Prefix(p) => TermTest::Prefix(p.clone()),
+            };
+            Some((kind, test))
+        }
+        Filter::HasMetadataKey(key) => Some((kinds::METADATA, TermTest::Prefix(meta_prefix(key)))),
+        Filter::Metadata { key, op, value } if *op != Op::Ne => {
+            Some((kinds::METADATA, metadata_test(key, *op, value)))
+        }
+        Filter::Text {
+            field: TextField::Email,
+            op: Op::Eq,
+            value: Pattern::Suffix(s),
+        } if !s.is_empty() => Some((kinds::EMAIL_REVERSED, email_suffix(s))),
+        _ => None,
+    }
+}
+
+/// `*@example.com`: the reversed addresses make a suffix a prefix.
+fn email_suffix(s: &str) -> TermTest {
+    TermTest::Prefix(migration::terms::reversed(s))
+}
+
+/// The metadata terms of `key` whose value compares `op` to `value` (for
+/// `!=`, those equal to it).
+fn metadata_test(key: &str, op: Op, value: &Pattern) -> TermTest {
+    let prefix = meta_prefix(key);
+    let term = |v: &str| format!("{prefix}{v}");
+    match value {
+        Pattern::Exact(v) => match op {
+            Op::Eq | Op::Ne => TermTest::Eq(term(v)),
+            Op::Lt => TermTest::Range(Some((prefix.clone(), true)), Some((term(v), false))),
+            Op::Le => TermTest::Range(Some((prefix.clone(), true)), Some((term(v), true))),
+            Op::Gt => TermTest::Range(
+                Some((term(v), false)),
+                prefix_upper(&prefix).map(|u| (u, false)),
+            ),
+            Op::Ge => TermTest::Range(
+                Some((term(v), true)),
+                prefix_upper(&prefix).map(|u| (u, false)),
+            ),
+        },
+        Pattern::Prefix(p) => TermTest::Prefix(term(p)),
+        Pattern::Suffix(s) => TermTest::ValueSuffix {
+            prefix: prefix.clone(),
+            suffix: s.clone(),
+        },
+        Pattern::Contains(s) => TermTest::ValueContains {
+            prefix: prefix.clone(),
+            part: s.clone(),
+        },
+    }
 }
 
 fn meta_prefix(key: &str) -> String {

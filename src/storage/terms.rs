@@ -55,6 +55,7 @@ pub(crate) async fn insert<'a, C: ConnectionTrait>(
                 project: Set(u.project.as_str().to_owned()),
                 kind: Set(kind),
                 term: Set(term),
+                create_time: Set(u.create_time.nanos()),
                 user_id: Set(u.id.as_str().to_owned()),
             });
         }

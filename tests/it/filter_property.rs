@@ -2,7 +2,7 @@
 //! users, the users ListUsers and CountUsers return are exactly those an
 //! in-memory evaluation of the documented semantics selects.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use user_service::proto::google::r#type::Date;
 use user_service::proto::users::v1 as pb;
@@ -534,27 +534,44 @@ async fn filters_agree_with_an_in_memory_evaluation(e: Engine) {
         let f = gen_filter(&mut r, &stored, 3);
         let text = render(&f);
         let show_deleted = r.bool();
-        let want: BTreeSet<&str> = stored
+        // A quarter of the cases are SearchUsers: a prefix of some user's
+        // searchable value, in a random case.
+        let search = (r.u8(..4) == 0).then(|| search_prefix(&mut r, &stored));
+        let mut want: Vec<&pb::User> = stored
             .iter()
             .filter(|u| show_deleted || u.state != pb::user::State::Deleted as i32)
             .filter(|u| eval(&f, u))
-            .map(|u| u.name.as_str())
+            .filter(|u| search.as_ref().is_none_or(|q| search_key(u, q).is_some()))
             .collect();
-        let got_users = list_all(
-            &mut c,
-            pb::ListUsersRequest {
-                show_deleted,
-                page_size: 7,
-                ..list_req(&text, "")
-            },
-        )
-        .await;
-        let got: BTreeSet<&str> = got_users.iter().map(|u| u.name.as_str()).collect();
-        assert_eq!(got.len(), got_users.len(), "case {case}: duplicates");
+        let got = match &search {
+            None => {
+                // Newest first, ties by id, newest id first.
+                want.sort_by_key(|u| std::cmp::Reverse((create_nanos(u), u.name.clone())));
+                list_all(
+                    &mut c,
+                    pb::ListUsersRequest {
+                        show_deleted,
+                        page_size: 7,
+                        ..list_req(&text, "")
+                    },
+                )
+                .await
+            }
+            Some(q) => {
+                // Best match: the smallest matching value, then oldest first.
+                want.sort_by_key(|u| (search_key(u, q), create_nanos(u), u.name.clone()));
+                search_all(&mut c, q, &text, show_deleted).await
+            }
+        };
+        let got: Vec<&str> = got.iter().map(|u| u.name.as_str()).collect();
+        let want: Vec<&str> = want.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(
             got, want,
-            "case {case} (seed {seed}), show_deleted {show_deleted}: {text}"
+            "case {case} (seed {seed}), show_deleted {show_deleted}, search {search:?}: {text}"
         );
+        if search.is_some() {
+            continue;
+        }
         let n = c
             .count_users(pb::CountUsersRequest {
                 parent: PROJECT.into(),
@@ -566,6 +583,71 @@ async fn filters_agree_with_an_in_memory_evaluation(e: Engine) {
             .into_inner()
             .total_size;
         assert_eq!(n as usize, want.len(), "count, case {case}: {text}");
+    }
+}
+
+fn create_nanos(u: &pb::User) -> i128 {
+    let t = u.create_time.expect("create_time");
+    i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
+}
+
+/// The values SearchUsers matches, lower-cased.
+fn searchable(u: &pb::User) -> Vec<String> {
+    [
+        &u.email,
+        &u.phone_number,
+        &u.username,
+        &u.display_name,
+        &u.given_name,
+        &u.family_name,
+    ]
+    .into_iter()
+    .filter(|v| !v.is_empty())
+    .map(|v| v.to_lowercase())
+    .collect()
+}
+
+/// The smallest searchable value of `u` starting with `q` (case-insensitive).
+fn search_key(u: &pb::User, q: &str) -> Option<String> {
+    let q = q.to_lowercase();
+    searchable(u)
+        .into_iter()
+        .filter(|v| v.starts_with(&q))
+        .min()
+}
+
+fn search_prefix(r: &mut fastrand::Rng, users: &[pb::User]) -> String {
+    let values: Vec<String> = users.iter().flat_map(searchable).collect();
+    let v: Vec<char> = values[r.usize(..values.len())].chars().collect();
+    let p: String = v[..r.usize(1..=v.len().min(6))].iter().collect();
+    if r.bool() { p.to_uppercase() } else { p }
+}
+
+async fn search_all(
+    c: &mut crate::list::Client,
+    query: &str,
+    filter: &str,
+    show_deleted: bool,
+) -> Vec<pb::User> {
+    let mut req = pb::SearchUsersRequest {
+        parent: PROJECT.into(),
+        query: query.into(),
+        filter: filter.into(),
+        show_deleted,
+        page_size: 3,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    loop {
+        let page = match c.search_users(req.clone()).await {
+            Ok(p) => p.into_inner(),
+            Err(e) => panic!("search {query:?} {filter:?}: {e:?}"),
+        };
+        out.extend(page.users);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        req.page_token = page.next_page_token;
     }
 }
 

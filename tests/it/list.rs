@@ -11,7 +11,7 @@ use user_service::proto::users::v1::user_service_client::UserServiceClient;
 use crate::both_engines;
 use crate::harness::*;
 
-type Client = UserServiceClient<Channel>;
+pub type Client = UserServiceClient<Channel>;
 
 pub fn list_req(filter: &str, order_by: &str) -> pb::ListUsersRequest {
     pb::ListUsersRequest {
