@@ -278,6 +278,39 @@ pub struct UserQuery {
 }
 
 impl UserQuery {
+    /// A query from request fields, as ListUsers (`search` None) or
+    /// SearchUsers reads them; the first problem as text. For tools and
+    /// tests; the RPCs report every problem at once.
+    pub fn parse(
+        parent: &str,
+        filter: &str,
+        order_by: &str,
+        search: Option<&str>,
+        show_deleted: bool,
+    ) -> Result<Self, String> {
+        let project = ProjectId::parse_parent(parent).map_err(|r| format!("parent: {r}"))?;
+        let parsed = super::filter::parse(filter, &project).map_err(|e| format!("filter: {e}"))?;
+        let order = match (search, order_by.trim().is_empty()) {
+            (Some(_), true) => OrderBy::search_default(),
+            _ => OrderBy::parse(order_by).map_err(|(pos, m)| format!("order_by: {pos}: {m}"))?,
+        };
+        let search = search.map(parse_search).transpose()?;
+        Ok(Self {
+            fingerprint: Self::fingerprint_of(
+                &project,
+                filter,
+                &order,
+                show_deleted,
+                search.as_deref(),
+            ),
+            project,
+            filter: parsed,
+            search,
+            order,
+            show_deleted,
+        })
+    }
+
     /// The fingerprint of a query given by its request fields.
     pub fn fingerprint_of(
         project: &ProjectId,

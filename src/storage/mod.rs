@@ -13,8 +13,8 @@ use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
-    DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, RuntimeErr, SqlErr,
-    Statement, TransactionTrait,
+    DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, QueryTrait, RuntimeErr,
+    SqlErr, Statement, TransactionTrait,
 };
 use tracing::{debug, error, instrument, warn};
 
@@ -126,6 +126,21 @@ async fn next_batch<T>(
         }
     }
     Some(batch)
+}
+
+/// LookupUser's query; the inline SQLite readers and the PostgreSQL read
+/// batches run the same WHERE clause.
+fn lookup_select(project: &ProjectId, identity: &Identity) -> sea_orm::Select<users::Entity> {
+    let cond = match identity {
+        Identity::Email(e) => users::Column::EmailKey.eq(e.key()),
+        Identity::PhoneNumber(p) => users::Column::PhoneNumber.eq(p.as_str()),
+        Identity::Username(u) => users::Column::Username.eq(u.as_str()),
+        Identity::ExternalId(x) => users::Column::ExternalId.eq(x.as_str()),
+    };
+    users::Entity::find()
+        .filter(users::Column::Project.eq(project.as_str()))
+        .filter(users::Column::DeleteTime.is_null())
+        .filter(cond)
 }
 
 /// The result stored under an idempotency key.
@@ -282,6 +297,16 @@ impl SeaOrmRepository {
         ])
     }
 
+    /// As `explain_list`, for LookupUser.
+    pub async fn explain_lookup(
+        &self,
+        project: &ProjectId,
+        identity: &Identity,
+    ) -> Result<Vec<(String, Vec<String>)>, DomainError> {
+        let stmt = lookup_select(project, identity).build(self.db.get_database_backend());
+        Ok(vec![self.explain(stmt).await?])
+    }
+
     async fn explain(&self, stmt: Statement) -> Result<(String, Vec<String>), DomainError> {
         let backend = self.db.get_database_backend();
         let prefix = match backend {
@@ -385,16 +410,7 @@ impl UserRepository for SeaOrmRepository {
                 .map(from_model)
                 .transpose();
         }
-        let cond = match identity {
-            Identity::Email(e) => users::Column::EmailKey.eq(e.key()),
-            Identity::PhoneNumber(p) => users::Column::PhoneNumber.eq(p.as_str()),
-            Identity::Username(u) => users::Column::Username.eq(u.as_str()),
-            Identity::ExternalId(x) => users::Column::ExternalId.eq(x.as_str()),
-        };
-        users::Entity::find()
-            .filter(users::Column::Project.eq(project.as_str()))
-            .filter(users::Column::DeleteTime.is_null())
-            .filter(cond)
+        lookup_select(project, identity)
             .one(&self.db)
             .await
             .map_err(db_error)?

@@ -40,6 +40,17 @@ pub(crate) const SORT_LIMIT: u64 = 2000;
 pub(crate) struct Driver {
     kind: i16,
     test: TermTest,
+    /// The condition it stands for, left out of the WHERE clause when it
+    /// drives (a second, probed copy would only skew the estimates).
+    source: Source,
+}
+
+/// Where a driver comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Search,
+    /// The filter's top-level conjunct of this index.
+    Conjunct(usize),
 }
 
 impl Driver {
@@ -73,6 +84,7 @@ fn drivers(q: &UserQuery) -> Vec<Driver> {
         out.push(Driver {
             kind: kinds::SEARCH,
             test: TermTest::Prefix(prefix.clone()),
+            source: Source::Search,
         });
     }
     let top: &[Filter] = match &q.filter {
@@ -80,9 +92,13 @@ fn drivers(q: &UserQuery) -> Vec<Driver> {
         Some(f) => std::slice::from_ref(f),
         None => &[],
     };
-    for f in top {
+    for (i, f) in top.iter().enumerate() {
         if let Some((kind, test)) = term_leaf(f) {
-            out.push(Driver { kind, test });
+            out.push(Driver {
+                kind,
+                test,
+                source: Source::Conjunct(i),
+            });
         }
     }
     out
@@ -147,7 +163,7 @@ pub(crate) fn select_page(
         }
         Some(d) => c.drive(&mut s, q, d),
     }
-    s.cond_where(c.base(q, Purpose::List));
+    s.cond_where(c.base(q, Purpose::List, driver.map(|d| d.source)));
     let tie_desc = q.order.tie_desc();
     if ordered {
         // The driver's index order: (term,) create_time, user_id.
@@ -193,7 +209,7 @@ pub(crate) fn select_count(
         }
         Some(d) => c.drive(&mut s, q, d),
     }
-    s.cond_where(c.base(q, Purpose::Count));
+    s.cond_where(c.base(q, Purpose::Count, driver.map(|d| d.source)));
     backend.build(&s)
 }
 
@@ -269,7 +285,9 @@ impl Compiler {
         }
     }
 
-    fn base(&self, q: &UserQuery, purpose: Purpose) -> Condition {
+    /// The WHERE clause on `users`, without the condition of the driver
+    /// (its join already enforces it).
+    fn base(&self, q: &UserQuery, purpose: Purpose, skip: Option<Source>) -> Condition {
         let mut cond = Condition::all().add(users::Column::Project.eq(q.project.as_str()));
         if !q.show_deleted {
             cond = cond.add(match purpose {
@@ -277,11 +295,21 @@ impl Compiler {
                 Purpose::Count => users::Column::State.ne(State::Deleted as i32),
             });
         }
-        if let Some(prefix) = &q.search {
+        if let Some(prefix) = &q.search
+            && skip != Some(Source::Search)
+        {
             cond = cond.add(self.in_terms(kinds::SEARCH, TermTest::Prefix(prefix.clone())));
         }
-        if let Some(f) = &q.filter {
-            cond = cond.add(self.filter(f));
+        match &q.filter {
+            Some(Filter::And(parts)) => {
+                for (i, p) in parts.iter().enumerate() {
+                    if skip != Some(Source::Conjunct(i)) {
+                        cond = cond.add(self.filter(p));
+                    }
+                }
+            }
+            Some(f) if skip != Some(Source::Conjunct(0)) => cond = cond.add(self.filter(f)),
+            _ => {}
         }
         cond
     }

@@ -8,6 +8,7 @@ mod create;
 mod filter_property;
 mod lifecycle;
 mod list;
+mod plans;
 mod read;
 mod server;
 mod update;

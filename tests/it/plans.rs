@@ -1,0 +1,263 @@
+//! The engines' plans for the hot queries at scale: with many users in one
+//! project (and others beside it), no ListUsers/SearchUsers page, CountUsers
+//! or LookupUser may read the users table (or the terms) from end to end, and
+//! the pages that have an index in their order may not sort.
+//!
+//! The users are written with SQL (a generated series), which takes seconds
+//! where the API would take minutes; their terms follow the same formulas.
+//! Only plans are inspected, so the terms need not be exact (the reversed
+//! emails are not exactly reversed). `PLAN_USERS` sets the population
+//! (default 200,000; 1,000,000 for the figures in BENCHMARKS.md).
+//! PostgreSQL is vacuumed and analyzed, as autovacuum would do; SQLite runs without
+//! statistics, as the service does.
+
+use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection};
+use user_service::domain::query::SortValue;
+use user_service::domain::{Cursor, Email, Identity, ProjectId, UserQuery};
+use user_service::storage::{self, SeaOrmRepository};
+
+use crate::both_engines;
+use crate::harness::*;
+
+/// Where the generated create times start (nanoseconds); user i was created
+/// `i` microseconds later.
+const T0: i64 = 1_700_000_000_000_000_000;
+
+fn population() -> i64 {
+    std::env::var("PLAN_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000)
+}
+
+/// `n` users in `project`, ids `u<offset + i>`, and their terms.
+async fn seed(db: &DatabaseConnection, project: &str, n: i64, offset: i64) {
+    let series = match db.get_database_backend() {
+        DatabaseBackend::Postgres => format!("WITH g(i) AS (SELECT generate_series(1, {n}))"),
+        _ => {
+            format!("WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < {n})")
+        }
+    };
+    let num = "CAST(i AS TEXT)";
+    let domain = "CASE WHEN i % 1000 = 0 THEN 'rare.example' WHEN i % 2 = 0 \
+                  THEN 'alpha.example' ELSE 'beta.example' END";
+    let email = format!("'user' || {num} || '@' || {domain}");
+    let tags = format!(
+        "'[\"cohort-' || CAST(i % 10 AS TEXT) || '\"' || \
+         CASE WHEN i % 10000 = 0 THEN ',\"rare\"' ELSE '' END || ']'"
+    );
+    let time = format!("{T0} + CAST(i AS BIGINT) * 1000");
+    db.execute_unprepared(&format!(
+        "{series} INSERT INTO users (project, user_id, email, email_key, email_verified, \
+         phone_number, phone_number_verified, secondary_emails, secondary_phone_numbers, \
+         username, external_id, display_name, given_name, middle_name, family_name, title, \
+         birthday, preferred_locale, picture_uri, addresses, bio, note, tags, roles, metadata, \
+         custom_data, last_login_time, state, pre_delete_state, create_time, update_time, \
+         delete_time, purge_time, revision) \
+         SELECT '{project}', 'u' || CAST({offset} + i AS TEXT), {email}, {email}, FALSE, \
+         NULL, FALSE, '[]', '[]', NULL, NULL, 'Name ' || {num}, 'Given', '', \
+         'family' || {num}, '', NULL, '', '', '[]', '', '', {tags}, '[]', \
+         CASE WHEN i % 3 = 0 THEN '{{\"plan\":\"pro\"}}' ELSE '{{}}' END, NULL, NULL, \
+         CASE WHEN i % 20 = 0 THEN 3 ELSE 2 END, NULL, {time}, {time}, NULL, NULL, 1 FROM g"
+    ))
+    .await
+    .expect("seed users");
+    let terms = [
+        (
+            "1".to_string(),
+            format!("'cohort-' || CAST(i % 10 AS TEXT)"),
+            "TRUE",
+        ),
+        ("1".into(), "'rare'".into(), "i % 10000 = 0"),
+        ("3".into(), "'plan=pro'".into(), "i % 3 = 0"),
+        ("4".into(), email.clone(), "TRUE"),
+        ("4".into(), format!("'name ' || {num}"), "TRUE"),
+        ("4".into(), "'given'".into(), "TRUE"),
+        ("4".into(), format!("'family' || {num}"), "TRUE"),
+        (
+            "5".into(),
+            format!(
+                "CASE WHEN i % 1000 = 0 THEN 'elpmaxe.erar@' WHEN i % 2 = 0 \
+                 THEN 'elpmaxe.ahpla@' ELSE 'elpmaxe.ateb@' END || {num} || 'resu'"
+            ),
+            "TRUE",
+        ),
+    ];
+    for (kind, term, when) in terms {
+        db.execute_unprepared(&format!(
+            "{series} INSERT INTO user_terms (project, kind, term, create_time, user_id) \
+             SELECT '{project}', {kind}, {term}, {time}, 'u' || CAST({offset} + i AS TEXT) \
+             FROM g WHERE {when}"
+        ))
+        .await
+        .expect("seed terms");
+    }
+}
+
+/// What one hot query may not do.
+#[derive(Clone, Copy, PartialEq)]
+enum Expect {
+    /// No full scan of users or terms.
+    NoScan,
+    /// That, and no sort: an index supplies the order, so one page reads
+    /// about one page of entries.
+    IndexOrder,
+}
+
+fn check(what: &str, expect: Expect, statements: &[(String, Vec<String>)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (sql, plan) in statements {
+        for line in plan {
+            let l = line.trim_start_matches(['-', '>', ' ']);
+            let scan = ["users", "user_terms", "d ", "p ", "e "]
+                .iter()
+                .any(|t| l.starts_with(&format!("SCAN {}", t.trim())) && !l.starts_with("SCAN x"))
+                || l.contains("Seq Scan on users")
+                || l.contains("Seq Scan on user_terms");
+            let sort = line.contains("TEMP B-TREE FOR ORDER BY")
+                || l.starts_with("Sort ")
+                || l.starts_with("Incremental Sort");
+            if scan || (expect == Expect::IndexOrder && sort) {
+                problems.push(format!(
+                    "{what}: `{line}`\n  in {sql}\n  plan:\n    {}",
+                    plan.join("\n    ")
+                ));
+            }
+        }
+    }
+    problems
+}
+
+async fn hot_queries_use_indexes_at_scale(e: Engine) {
+    let s = TestServer::start(e).await;
+    let db = storage::connect(&s.db.url, 2).await.expect("connect");
+    let n = population();
+    seed(&db, "bench", n, 0).await;
+    seed(&db, "other", n / 2, 10 * n).await;
+    if db.get_database_backend() == DatabaseBackend::Postgres {
+        for table in ["users", "user_terms"] {
+            db.execute_unprepared(&format!("VACUUM ANALYZE {table}"))
+                .await
+                .expect("vacuum");
+        }
+    }
+    let repo = SeaOrmRepository::new(db);
+    let project = ProjectId::parse("bench").expect("project");
+    // The middle of the project in the default order.
+    let deep = Cursor {
+        values: vec![SortValue::Int(T0 + n / 2 * 1000)],
+        user_id: format!("u{}", n / 2),
+    };
+    let mid_time = |i: i64| {
+        chrono::DateTime::from_timestamp_nanos(T0 + i * 1000)
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    };
+    let range = format!(
+        "create_time >= \"{}\" AND create_time < \"{}\"",
+        mid_time(n / 4),
+        mid_time(n / 4 + 500)
+    );
+
+    use Expect::*;
+    let lists: Vec<(&str, String, Option<&str>, Expect)> = vec![
+        ("no filter", String::new(), None, IndexOrder),
+        ("state", "state = DISABLED".into(), None, IndexOrder),
+        ("common tag", "tags:\"cohort-3\"".into(), None, IndexOrder),
+        ("rare tag", "tags:\"rare\"".into(), None, IndexOrder),
+        (
+            "metadata value",
+            "metadata.plan = \"pro\"".into(),
+            None,
+            IndexOrder,
+        ),
+        ("metadata key", "metadata.plan:*".into(), None, NoScan),
+        (
+            "common email domain",
+            "email = \"*@alpha.example\"".into(),
+            None,
+            NoScan,
+        ),
+        (
+            "rare email domain",
+            "email = \"*@rare.example\"".into(),
+            None,
+            NoScan,
+        ),
+        ("create_time range", range.clone(), None, NoScan),
+        (
+            "tag and state",
+            "tags:\"cohort-3\" AND state = ACTIVE".into(),
+            None,
+            IndexOrder,
+        ),
+        (
+            "search, common prefix",
+            String::new(),
+            Some("user1"),
+            IndexOrder,
+        ),
+        (
+            "search, rare prefix",
+            String::new(),
+            Some("user12345"),
+            IndexOrder,
+        ),
+        (
+            "search with a filter",
+            "state = ACTIVE".into(),
+            Some("family7"),
+            IndexOrder,
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (what, filter, search, expect) in &lists {
+        let q = UserQuery::parse("projects/bench", filter, "", *search, false).expect(what);
+        let first = repo.explain_list(&q, None, 51).await.expect(what);
+        problems.extend(check(&format!("{what}, first page"), *expect, &first));
+        if search.is_none() {
+            let deep_page = repo.explain_list(&q, Some(&deep), 51).await.expect(what);
+            problems.extend(check(&format!("{what}, deep page"), *expect, &deep_page));
+        }
+    }
+    // Search in another order: few matches are read and sorted, many are
+    // filtered in the order's index.
+    for prefix in ["user1", "user12345"] {
+        let q = UserQuery::parse(
+            "projects/bench",
+            "",
+            "create_time desc",
+            Some(prefix),
+            false,
+        )
+        .expect("search");
+        let plan = repo.explain_list(&q, None, 51).await.expect("search");
+        problems.extend(check(
+            &format!("search {prefix} by create_time"),
+            NoScan,
+            &plan,
+        ));
+    }
+    for (what, filter) in [
+        ("count by state", "state = DISABLED"),
+        ("count by tag", "tags:\"rare\""),
+    ] {
+        let q = UserQuery::parse("projects/bench", filter, "", None, false).expect(what);
+        let plan = repo.explain_count(&q).await.expect(what);
+        problems.extend(check(what, NoScan, &plan));
+    }
+    let email = Email::parse("user777@beta.example").expect("email");
+    let plan = repo
+        .explain_lookup(&project, &Identity::Email(email))
+        .await
+        .expect("lookup");
+    problems.extend(check("lookup by email", NoScan, &plan));
+
+    assert!(
+        problems.is_empty(),
+        "{} of the hot queries read a table from end to end or sort:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+both_engines!(hot_queries_use_indexes_at_scale);
