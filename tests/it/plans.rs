@@ -42,10 +42,9 @@ async fn seed(db: &DatabaseConnection, project: &str, n: i64, offset: i64) {
     let domain = "CASE WHEN i % 1000 = 0 THEN 'rare.example' WHEN i % 2 = 0 \
                   THEN 'alpha.example' ELSE 'beta.example' END";
     let email = format!("'user' || {num} || '@' || {domain}");
-    let tags = format!(
-        "'[\"cohort-' || CAST(i % 10 AS TEXT) || '\"' || \
+    let tags = "'[\"cohort-' || CAST(i % 10 AS TEXT) || '\"' || \
          CASE WHEN i % 10000 = 0 THEN ',\"rare\"' ELSE '' END || ']'"
-    );
+        .to_string();
     let time = format!("{T0} + CAST(i AS BIGINT) * 1000");
     db.execute_unprepared(&format!(
         "{series} INSERT INTO users (project, user_id, email, email_key, email_verified, \
@@ -65,7 +64,7 @@ async fn seed(db: &DatabaseConnection, project: &str, n: i64, offset: i64) {
     let terms = [
         (
             "1".to_string(),
-            format!("'cohort-' || CAST(i % 10 AS TEXT)"),
+            "'cohort-' || CAST(i % 10 AS TEXT)".to_string(),
             "TRUE",
         ),
         ("1".into(), "'rare'".into(), "i % 10000 = 0"),
