@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod consistency;
 mod create;
 mod filter_property;
 mod lifecycle;
