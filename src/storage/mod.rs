@@ -243,10 +243,7 @@ impl SeaOrmRepository {
             Ok(plan) => Ok(plan),
             Err(driver) => {
                 let stmt = query::probe_count(self.db.get_database_backend(), query, &driver);
-                let n: i64 = match self.db.query_one_raw(stmt).await.map_err(db_error)? {
-                    Some(row) => row.try_get("", "n").map_err(db_error)?,
-                    None => 0,
-                };
+                let n = self.number(stmt).await?;
                 Ok(if n as u64 <= query::SORT_LIMIT {
                     Plan::Sorted(driver)
                 } else {
@@ -254,6 +251,22 @@ impl SeaOrmRepository {
                 })
             }
         }
+    }
+
+    /// The one integer `n` a statement selects; inline on SQLite.
+    async fn number(&self, stmt: Statement) -> Result<i64, DomainError> {
+        if let Some(r) = &self.readers {
+            let (r, st) = (r.clone(), stmt.clone());
+            match tokio::task::spawn_blocking(move || r.number(&st)).await {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(e)) => debug!(error = %e, "inline count failed; using the pool"),
+                Err(e) => debug!(error = %e, "inline count failed; using the pool"),
+            }
+        }
+        Ok(match self.db.query_one_raw(stmt).await.map_err(db_error)? {
+            Some(row) => row.try_get("", "n").map_err(db_error)?,
+            None => 0,
+        })
     }
 
     /// The statements a ListUsers/SearchUsers page of `query` runs, with the
@@ -489,6 +502,14 @@ impl UserRepository for SeaOrmRepository {
         let backend = self.db.get_database_backend();
         let plan = self.plan(query).await?;
         let stmt = query::select_page(backend, query, &plan, after, limit);
+        if let Some(r) = &self.readers {
+            let (r, st) = (r.clone(), stmt.clone());
+            match tokio::task::spawn_blocking(move || r.users(&st)).await {
+                Ok(Ok(rows)) => return rows.into_iter().map(from_model).collect(),
+                Ok(Err(e)) => debug!(error = %e, "inline list failed; using the pool"),
+                Err(e) => debug!(error = %e, "inline list failed; using the pool"),
+            }
+        }
         users::Entity::find()
             .from_raw_sql(stmt)
             .all(&self.db)
@@ -504,12 +525,7 @@ impl UserRepository for SeaOrmRepository {
         let backend = self.db.get_database_backend();
         let driver = query::count_driver(query);
         let stmt = query::select_count(backend, query, driver.as_ref());
-        let n = self.db.query_one_raw(stmt).await.map_err(db_error)?;
-        let n: i64 = match n {
-            Some(row) => row.try_get("", "n").map_err(db_error)?,
-            None => 0,
-        };
-        Ok(n.max(0) as u64)
+        Ok(self.number(stmt).await?.max(0) as u64)
     }
 
     #[instrument(skip_all, fields(project = %project))]

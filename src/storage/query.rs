@@ -9,10 +9,8 @@
 //! - every leaf is TRUE or FALSE, never NULL, so `NOT` is exact.
 
 use migration::terms as kinds;
-use sea_orm::sea_query::{
-    Alias, Asterisk, Expr, ExprTrait, Func, JoinType, Order, Query, SelectStatement,
-};
-use sea_orm::{ColumnTrait, Condition, DatabaseBackend, Statement, Value};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, JoinType, Order, Query, SelectStatement};
+use sea_orm::{ColumnTrait, Condition, DatabaseBackend, Iterable, Statement, Value};
 
 use super::entity::users;
 use crate::domain::filter::{
@@ -156,7 +154,11 @@ pub(crate) fn select_page(
         Plan::Sorted(d) => (Some(d), false),
     };
     let mut s = Query::select();
-    s.column((users::Entity, Asterisk));
+    // Every column, in the entity's order (the inline SQLite reader maps
+    // them by position).
+    for col in users::Column::iter() {
+        s.column((users::Entity, col));
+    }
     match driver {
         None => {
             s.from(users::Entity);

@@ -127,6 +127,59 @@ impl SqliteReaders {
     }
 }
 
+impl SqliteReaders {
+    /// Runs a SELECT built for SQLite whose columns are those of
+    /// `users::Model`, in order (lists and searches).
+    pub(crate) fn users(&self, stmt: &sea_orm::Statement) -> rusqlite::Result<Vec<users::Model>> {
+        let params = params(stmt)?;
+        self.with(|c| {
+            let mut st = c.prepare_cached(&stmt.sql)?;
+            let rows = st.query_map(rusqlite::params_from_iter(params), model)?;
+            rows.collect()
+        })
+    }
+
+    /// Runs a SELECT of one integer column `n` (counts).
+    pub(crate) fn number(&self, stmt: &sea_orm::Statement) -> rusqlite::Result<i64> {
+        let params = params(stmt)?;
+        self.with(|c| {
+            c.prepare_cached(&stmt.sql)?
+                .query_row(rusqlite::params_from_iter(params), |r| r.get(0))
+        })
+    }
+}
+
+/// The bound values of a statement as SQLite values.
+fn params(stmt: &sea_orm::Statement) -> rusqlite::Result<Vec<rusqlite::types::Value>> {
+    use rusqlite::types::Value as S;
+    use sea_orm::Value as V;
+    let Some(values) = &stmt.values else {
+        return Ok(Vec::new());
+    };
+    values
+        .0
+        .iter()
+        .map(|v| {
+            Ok(match v {
+                V::Bool(b) => b.map_or(S::Null, |b| S::Integer(i64::from(b))),
+                V::SmallInt(n) => n.map_or(S::Null, |n| S::Integer(i64::from(n))),
+                V::Int(n) => n.map_or(S::Null, |n| S::Integer(i64::from(n))),
+                V::BigInt(n) => n.map_or(S::Null, S::Integer),
+                V::BigUnsigned(n) => {
+                    n.map_or(S::Null, |n| S::Integer(n.min(i64::MAX as u64) as i64))
+                }
+                V::Unsigned(n) => n.map_or(S::Null, |n| S::Integer(i64::from(n))),
+                V::String(t) => t.clone().map_or(S::Null, S::Text),
+                other => {
+                    return Err(rusqlite::Error::ToSqlConversionFailure(
+                        format!("unsupported bound value {other:?}").into(),
+                    ));
+                }
+            })
+        })
+        .collect()
+}
+
 fn model(r: &Row<'_>) -> rusqlite::Result<users::Model> {
     Ok(users::Model {
         project: r.get(0)?,
