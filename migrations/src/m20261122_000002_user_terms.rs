@@ -25,25 +25,7 @@ impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let db = manager.get_connection();
         let backend = db.get_database_backend();
-        // Byte-wise order on both engines, so that prefixes are ranges.
-        let (collate, without_rowid) = match backend {
-            DatabaseBackend::Postgres => (" COLLATE \"C\"", ""),
-            _ => ("", " WITHOUT ROWID"),
-        };
-        db.execute_unprepared(&format!(
-            "CREATE TABLE IF NOT EXISTS user_terms (\
-               project TEXT NOT NULL, \
-               kind SMALLINT NOT NULL, \
-               term TEXT{collate} NOT NULL, \
-               user_id TEXT NOT NULL, \
-               PRIMARY KEY (project, kind, term, user_id)){without_rowid}"
-        ))
-        .await?;
-        // Replacing or erasing one user's terms.
-        db.execute_unprepared(
-            "CREATE INDEX IF NOT EXISTS ix_user_terms_user ON user_terms (project, user_id)",
-        )
-        .await?;
+        create_table(db, backend, false).await?;
         // Lists and counts by state, newest first.
         db.execute_unprepared(
             "CREATE INDEX IF NOT EXISTS ix_users_project_state_create_time \
@@ -61,6 +43,46 @@ impl MigrationTrait for Migration {
             .await?;
         Ok(())
     }
+}
+
+/// Creates `user_terms` and its per-user index; `with_create_time`: the
+/// layout of `m20261122_000003_user_terms_by_time`.
+pub(crate) async fn create_table(
+    db: &SchemaManagerConnection<'_>,
+    backend: DatabaseBackend,
+    with_create_time: bool,
+) -> Result<(), DbErr> {
+    // Byte-wise order on both engines, so that prefixes are ranges.
+    let (collate, without_rowid) = match backend {
+        DatabaseBackend::Postgres => (" COLLATE \"C\"", ""),
+        _ => ("", " WITHOUT ROWID"),
+    };
+    let (time_column, time_key, user_index) = if with_create_time {
+        (
+            "create_time BIGINT NOT NULL, ",
+            "create_time, ",
+            "(project, user_id, kind, term)",
+        )
+    } else {
+        ("", "", "(project, user_id)")
+    };
+    db.execute_unprepared(&format!(
+        "CREATE TABLE IF NOT EXISTS user_terms (\
+           project TEXT NOT NULL, \
+           kind SMALLINT NOT NULL, \
+           term TEXT{collate} NOT NULL, \
+           {time_column}\
+           user_id TEXT NOT NULL, \
+           PRIMARY KEY (project, kind, term, {time_key}user_id)){without_rowid}"
+    ))
+    .await?;
+    // Replacing or erasing one user's terms (and, with create_time, probing
+    // whether a user has a term).
+    db.execute_unprepared(&format!(
+        "CREATE INDEX IF NOT EXISTS ix_user_terms_user ON user_terms {user_index}"
+    ))
+    .await?;
+    Ok(())
 }
 
 /// Writes the terms of every stored user; `with_create_time`: the layout of

@@ -5,10 +5,8 @@
 //! this range" with one seek. The table is rebuilt and backfilled in the same
 //! transaction.
 
+use crate::m20261122_000002_user_terms::{backfill, create_table};
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::DatabaseBackend;
-
-use crate::m20261122_000002_user_terms::backfill;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -20,51 +18,21 @@ impl MigrationTrait for Migration {
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        let backend = db.get_database_backend();
-        let (collate, without_rowid) = match backend {
-            DatabaseBackend::Postgres => (" COLLATE \"C\"", ""),
-            _ => ("", " WITHOUT ROWID"),
-        };
-        db.execute_unprepared("DROP TABLE IF EXISTS user_terms")
-            .await?;
-        db.execute_unprepared(&format!(
-            "CREATE TABLE user_terms (\
-               project TEXT NOT NULL, \
-               kind SMALLINT NOT NULL, \
-               term TEXT{collate} NOT NULL, \
-               create_time BIGINT NOT NULL, \
-               user_id TEXT NOT NULL, \
-               PRIMARY KEY (project, kind, term, create_time, user_id)){without_rowid}"
-        ))
-        .await?;
-        db.execute_unprepared(
-            "CREATE INDEX ix_user_terms_user ON user_terms (project, user_id, kind, term)",
-        )
-        .await?;
-        backfill(db, backend, true).await
+        rebuild(manager, true).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        let backend = db.get_database_backend();
-        let (collate, without_rowid) = match backend {
-            DatabaseBackend::Postgres => (" COLLATE \"C\"", ""),
-            _ => ("", " WITHOUT ROWID"),
-        };
-        db.execute_unprepared("DROP TABLE IF EXISTS user_terms")
-            .await?;
-        db.execute_unprepared(&format!(
-            "CREATE TABLE user_terms (\
-               project TEXT NOT NULL, \
-               kind SMALLINT NOT NULL, \
-               term TEXT{collate} NOT NULL, \
-               user_id TEXT NOT NULL, \
-               PRIMARY KEY (project, kind, term, user_id)){without_rowid}"
-        ))
-        .await?;
-        db.execute_unprepared("CREATE INDEX ix_user_terms_user ON user_terms (project, user_id)")
-            .await?;
-        backfill(db, backend, false).await
+        rebuild(manager, false).await
     }
+}
+
+/// Drops `user_terms` and makes it again in one layout, with every user's
+/// terms.
+async fn rebuild(manager: &SchemaManager<'_>, with_create_time: bool) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    let backend = db.get_database_backend();
+    db.execute_unprepared("DROP TABLE IF EXISTS user_terms")
+        .await?;
+    create_table(db, backend, with_create_time).await?;
+    backfill(db, backend, with_create_time).await
 }
