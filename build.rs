@@ -23,6 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps with a stable order: the request fingerprint used for idempotency
         // keys hashes the encoded request, which must not depend on hash order.
         .btree_map(".")
+        // google.rpc.Status (ImportUsers failures) is tonic-types' own type, so
+        // a status built with its error details drops straight in.
+        .extern_path(".google.rpc", "::tonic_types::pb")
         // Malformed requests are INVALID_ARGUMENT, not INTERNAL.
         .codec_path("crate::grpc::codec::StrictProstCodec")
         .compile_fds(fds)?;

@@ -722,6 +722,26 @@ impl UserService for Ceiling {
     ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
         Err(Status::unimplemented("ceiling"))
     }
+    type StreamUsersStream = tokio_stream::Empty<Result<pb::StreamUsersResponse, Status>>;
+    async fn stream_users(
+        &self,
+        _: Request<pb::StreamUsersRequest>,
+    ) -> Result<Response<Self::StreamUsersStream>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+    async fn batch_create_users(
+        &self,
+        _: Request<pb::BatchCreateUsersRequest>,
+    ) -> Result<Response<pb::BatchCreateUsersResponse>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
+    type ImportUsersStream = tokio_stream::Empty<Result<pb::ImportUsersResponse, Status>>;
+    async fn import_users(
+        &self,
+        _: Request<tonic::Streaming<pb::ImportUsersRequest>>,
+    ) -> Result<Response<Self::ImportUsersStream>, Status> {
+        Err(Status::unimplemented("ceiling"))
+    }
 }
 
 async fn serve_ceiling(addr: SocketAddr) -> Result<(), BoxError> {

@@ -51,7 +51,7 @@ impl Violations {
 }
 
 /// An identifier that must be unique among the live users of a project.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Identifier {
     Email,
     PhoneNumber,
@@ -98,6 +98,18 @@ pub enum DomainError {
     AlreadyDeleted(UserName),
     #[error("{} is already used by another user", .0.field())]
     AlreadyExists(Identifier),
+    /// One item of a batch or import holds an identifier a stored user has;
+    /// `field` is its path in the request (`requests[3].user.email`).
+    #[error("{field} is already used by another user")]
+    ItemAlreadyExists { field: String, id: Identifier },
+    /// An imported user repeats an identifier of an earlier user of the same
+    /// import; `earlier` is that user's index when known.
+    #[error("{field} repeats an earlier user of this import")]
+    DuplicateInImport {
+        field: String,
+        id: Identifier,
+        earlier: Option<u64>,
+    },
     #[error("user {0} is not deleted")]
     NotDeleted(UserName),
     #[error("etag mismatch")]

@@ -1,6 +1,7 @@
 //! Validated values, the user model, the lifecycle rules and the repository
 //! trait. Nothing here knows about gRPC or SQL.
 
+pub mod bulk;
 pub mod error;
 pub mod filter;
 pub mod query;
@@ -9,9 +10,12 @@ pub mod service;
 pub mod user;
 pub mod values;
 
+pub use bulk::{ChunkOutcome, ImportLog};
 pub use error::{DomainError, FieldViolation, Identifier, QueryProblem, Violations};
 pub use query::{Cursor, OrderBy, UserQuery};
-pub use repository::{Created, IdempotencyKey, Identity, UserRepository};
+pub use repository::{
+    BatchCreated, Created, IdempotencyKey, Identity, StoredConflict, UserRepository,
+};
 pub use service::{NewUser, Page, Users};
 pub use user::{Address, AddressKind, Field, FieldPath, Profile, State, User};
 pub use values::*;

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 
-use super::error::DomainError;
+use super::error::{DomainError, Identifier};
 use super::query::{Cursor, UserQuery};
 use super::user::User;
 use super::values::{Email, ExternalId, PhoneNumber, ProjectId, Timestamp, UserId, Username};
@@ -26,6 +26,31 @@ pub enum Created {
         fingerprint: String,
         user: User,
     },
+}
+
+/// What an all-or-nothing batch create stored, or why it stored nothing.
+#[derive(Debug)]
+pub enum BatchCreated {
+    New(Vec<User>),
+    /// An earlier request with this key: its fingerprint and its result.
+    Earlier {
+        fingerprint: String,
+        users: Vec<User>,
+    },
+    /// Nothing was stored: the user at `index` holds an identifier of a stored
+    /// user.
+    Conflict {
+        index: usize,
+        id: Identifier,
+    },
+}
+
+/// A user of an import that was not stored because a stored user holds one of
+/// its identifiers; `holder_create_time` is that user's create time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredConflict {
+    pub id: Identifier,
+    pub holder_create_time: Timestamp,
 }
 
 /// A live identity to look a user up by.
@@ -51,6 +76,29 @@ pub trait UserRepository: Send + Sync + 'static {
         project: &ProjectId,
         request_id: &str,
     ) -> impl Future<Output = Result<Option<(String, User)>, DomainError>> + Send;
+
+    /// Inserts every user of `users` or none, with the idempotency key
+    /// (whose stored response is the whole list) in the same transaction.
+    fn insert_all(
+        &self,
+        users: &[User],
+        key: Option<&IdempotencyKey>,
+    ) -> impl Future<Output = Result<BatchCreated, DomainError>> + Send;
+
+    /// The result of a batch create stored under an idempotency key, if any.
+    fn find_batch_request(
+        &self,
+        project: &ProjectId,
+        request_id: &str,
+    ) -> impl Future<Output = Result<Option<(String, Vec<User>)>, DomainError>> + Send;
+
+    /// Inserts the users of one import chunk in one transaction, skipping
+    /// those that conflict with stored users (`Some` at their position).
+    /// The users must not conflict with each other.
+    fn import(
+        &self,
+        users: &[User],
+    ) -> impl Future<Output = Result<Vec<Option<StoredConflict>>, DomainError>> + Send;
 
     /// Fails with `AlreadyExists` if inserting `user` now would conflict.
     fn check_available(&self, user: &User) -> impl Future<Output = Result<(), DomainError>> + Send;

@@ -4,11 +4,13 @@ use std::time::Duration;
 
 use tracing::instrument;
 
-use super::error::{DomainError, FieldViolation, QueryProblem};
+use super::bulk::{ChunkOutcome, Claims, ImportLog};
+use super::error::{DomainError, FieldViolation, Identifier, QueryProblem, Violations};
 use super::query::{
-    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, TokenError, UserQuery, decode_page_token, encode_page_token,
+    Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, TokenError, UserQuery, decode_page_token,
+    encode_page_token,
 };
-use super::repository::{Created, IdempotencyKey, Identity, UserRepository};
+use super::repository::{BatchCreated, Created, IdempotencyKey, Identity, UserRepository};
 use super::user::{FieldPath, MAX_METADATA, Profile, State, User};
 use super::values::{ProjectId, Timestamp, UserId, UserName};
 
@@ -32,6 +34,26 @@ pub struct NewUser {
     pub profile: Profile,
     pub initial_state: State,
 }
+
+impl NewUser {
+    fn into_user(self, now: Timestamp) -> User {
+        User {
+            project: self.project,
+            id: self.id.unwrap_or_else(UserId::generate),
+            profile: self.profile,
+            state: self.initial_state,
+            pre_delete_state: None,
+            create_time: now,
+            update_time: now,
+            delete_time: None,
+            purge_time: None,
+            revision: 1,
+        }
+    }
+}
+
+/// Users per StreamUsers message unless the caller asks otherwise.
+pub const DEFAULT_STREAM_BATCH: u32 = 500;
 
 /// The outcome of one attempt of a conditional write.
 enum Change {
@@ -61,19 +83,7 @@ impl<R: UserRepository> Users<R> {
         key: Option<IdempotencyKey>,
         validate_only: bool,
     ) -> Result<User, DomainError> {
-        let now = Timestamp::now();
-        let user = User {
-            project: new.project,
-            id: new.id.unwrap_or_else(UserId::generate),
-            profile: new.profile,
-            state: new.initial_state,
-            pre_delete_state: None,
-            create_time: now,
-            update_time: now,
-            delete_time: None,
-            purge_time: None,
-            revision: 1,
-        };
+        let user = new.into_user(Timestamp::now());
         if validate_only {
             self.repo.check_available(&user).await?;
             return Ok(user);
@@ -218,6 +228,151 @@ impl<R: UserRepository> Users<R> {
         .await
     }
 
+    /// Creates every user of `news` or none (BatchCreateUsers). Two items
+    /// claiming the same identifier are INVALID_ARGUMENT naming both; an item
+    /// conflicting with a stored user fails the whole batch, naming the item.
+    #[instrument(skip_all, fields(project = %project, users = news.len()))]
+    pub async fn batch_create(
+        &self,
+        project: &ProjectId,
+        news: Vec<NewUser>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Vec<User>, DomainError> {
+        if let Some(key) = &key
+            && let Some((fingerprint, earlier)) = self
+                .repo
+                .find_batch_request(project, &key.request_id)
+                .await?
+        {
+            return replay(key, &fingerprint, earlier);
+        }
+        let now = Timestamp::now();
+        let users: Vec<User> = news.into_iter().map(|n| n.into_user(now)).collect();
+        let mut claims = Claims::default();
+        let mut v = Violations::default();
+        for (i, u) in users.iter().enumerate() {
+            if let Some((id, earlier)) = claims.claim(i as u64, u) {
+                v.push(
+                    batch_field(i, id),
+                    format!("the same {} as requests[{earlier}]", id.field()),
+                );
+            }
+        }
+        v.into_result()?;
+        match self.repo.insert_all(&users, key.as_ref()).await? {
+            BatchCreated::New(users) => Ok(users),
+            BatchCreated::Earlier { fingerprint, users } => match &key {
+                Some(key) => replay(key, &fingerprint, users),
+                None => Err(DomainError::Internal("replay without a key".into())),
+            },
+            BatchCreated::Conflict { index, id } => Err(DomainError::ItemAlreadyExists {
+                field: batch_field(index, id),
+                id,
+            }),
+        }
+    }
+
+    /// Stores one chunk of an import: `items` are the valid users of the
+    /// chunk with their index in the import. Every stored user gets the
+    /// chunk's create time (see `ImportLog`).
+    #[instrument(skip_all, fields(project = %project, users = items.len()))]
+    pub async fn import_chunk(
+        &self,
+        project: &ProjectId,
+        items: Vec<(u64, NewUser)>,
+        log: &mut ImportLog,
+    ) -> Result<ChunkOutcome, DomainError> {
+        let now = Timestamp::from_nanos(log.next_time(Timestamp::now().nanos()));
+        let mut out = ChunkOutcome::default();
+        let mut claims = Claims::default();
+        let mut indexes = Vec::with_capacity(items.len());
+        let mut users = Vec::with_capacity(items.len());
+        for (index, new) in items {
+            let user = new.into_user(now);
+            match claims.claim(index, &user) {
+                Some((id, earlier)) => out.failures.push((
+                    index,
+                    DomainError::DuplicateInImport {
+                        field: import_field(index, id),
+                        id,
+                        earlier: Some(earlier),
+                    },
+                )),
+                None => {
+                    indexes.push(index);
+                    users.push(user);
+                }
+            }
+        }
+        let conflicts = self.repo.import(&users).await?;
+        log.record(now.nanos());
+        for (index, conflict) in indexes.into_iter().zip(conflicts) {
+            match conflict {
+                None => out.created += 1,
+                Some(c) if log.stored_here(c.holder_create_time.nanos()) => out.failures.push((
+                    index,
+                    DomainError::DuplicateInImport {
+                        field: import_field(index, c.id),
+                        id: c.id,
+                        earlier: None,
+                    },
+                )),
+                Some(c) => out.failures.push((
+                    index,
+                    DomainError::ItemAlreadyExists {
+                        field: import_field(index, c.id),
+                        id: c.id,
+                    },
+                )),
+            }
+        }
+        out.failures.sort_by_key(|(i, _)| *i);
+        Ok(out)
+    }
+
+    /// The next batch of an export after `after`, and the token that resumes
+    /// right after its last user. An empty batch ends the export.
+    #[instrument(skip_all, fields(project = %query.project))]
+    pub async fn export_batch(
+        &self,
+        query: &UserQuery,
+        size: u32,
+        after: Option<&Cursor>,
+    ) -> Result<(Vec<User>, Option<Cursor>), DomainError> {
+        let users = self.repo.list(query, after, u64::from(size)).await?;
+        let cursor = users
+            .last()
+            .map(|u| query.order.cursor_of(u, query.search.as_deref()));
+        Ok((users, cursor))
+    }
+
+    /// The cursor a page or resume token carries; `field` names the token in
+    /// errors.
+    pub fn decode_token(
+        &self,
+        query: &UserQuery,
+        token: &str,
+        field: &'static str,
+    ) -> Result<Option<Cursor>, DomainError> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        decode_page_token(query, token)
+            .map(Some)
+            .map_err(|e| DomainError::BadQuery {
+                reason: QueryProblem::PageToken,
+                field,
+                description: match e {
+                    TokenError::Malformed => "not a token of this service, or damaged",
+                    TokenError::OtherQuery => {
+                        "belongs to another query: parent, filter, order_by, \
+                         show_deleted and query must stay the same"
+                    }
+                }
+                .into(),
+            })
+    }
+
     /// One page of `query`: `page_token` is empty for the first page.
     #[instrument(skip_all, fields(project = %query.project))]
     pub async fn list(
@@ -226,24 +381,7 @@ impl<R: UserRepository> Users<R> {
         page_size: u32,
         page_token: &str,
     ) -> Result<Page, DomainError> {
-        let after = if page_token.is_empty() {
-            None
-        } else {
-            Some(decode_page_token(query, page_token).map_err(|e| {
-                DomainError::BadQuery {
-                    reason: QueryProblem::PageToken,
-                    field: "page_token",
-                    description: match e {
-                        TokenError::Malformed => "not a page token of this service, or damaged",
-                        TokenError::OtherQuery => {
-                            "belongs to another query: parent, filter, order_by, \
-                             show_deleted and query must stay the same while paging"
-                        }
-                    }
-                    .into(),
-                }
-            })?)
-        };
+        let after = self.decode_token(query, page_token, "page_token")?;
         // 0 means the default; more than the maximum is clamped (AIP-158).
         let size = match page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -350,9 +488,22 @@ impl<R: UserRepository> Users<R> {
     }
 }
 
-fn replay(key: &IdempotencyKey, fingerprint: &str, user: User) -> Result<User, DomainError> {
+/// The path of an identifier of `requests[index]` in BatchCreateUsers.
+fn batch_field(index: usize, id: Identifier) -> String {
+    match id {
+        Identifier::Name => format!("requests[{index}].user_id"),
+        _ => format!("requests[{index}].user.{}", id.field()),
+    }
+}
+
+/// The path of an identifier of `users[index]` in ImportUsers.
+fn import_field(index: u64, id: Identifier) -> String {
+    format!("users[{index}].{}", id.field())
+}
+
+fn replay<T>(key: &IdempotencyKey, fingerprint: &str, result: T) -> Result<T, DomainError> {
     if fingerprint == key.fingerprint {
-        Ok(user)
+        Ok(result)
     } else {
         Err(DomainError::RequestIdReused)
     }

@@ -1,6 +1,7 @@
 //! The UserService implementation: decode, call the domain, encode. No SQL and
 //! no business rules here.
 
+mod bulk;
 pub mod codec;
 pub mod convert;
 pub mod status;
@@ -13,11 +14,12 @@ use tonic::{Request, Response, Status};
 use crate::domain::filter::{self as domain_filter, Filter};
 use crate::domain::query;
 use crate::domain::{
-    DomainError, Email, ExternalId, Field, IdempotencyKey, Identity, NewUser, OrderBy, PhoneNumber,
-    ProjectId, QueryProblem, State, UserId, UserName, UserQuery, UserRepository, Username, Users,
+    DomainError, Email, ExternalId, Field, IdempotencyKey, Identity, OrderBy, PhoneNumber,
+    ProjectId, QueryProblem, State, UserName, UserQuery, UserRepository, Username, Users,
     Violations,
 };
 use crate::proto::users::v1 as pb;
+use bulk::check_request_id;
 use convert::{fingerprint, parse_mask, parse_profile, populated_fields, user_to_proto};
 use pb::user_service_server::UserService;
 use trace::record_project;
@@ -50,19 +52,6 @@ fn etag(e: &str) -> Option<&str> {
     if e.is_empty() { None } else { Some(e) }
 }
 
-fn check_request_id(s: &str) -> Result<(), String> {
-    if s.len() > 100
-        || !s
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
-    {
-        return Err(
-            "must be at most 100 characters of letters, digits, '_', '.', ':' and '-'".into(),
-        );
-    }
-    Ok(())
-}
-
 #[tonic::async_trait]
 impl<R: UserRepository> UserService for UserServiceImpl<R> {
     async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Reply {
@@ -72,54 +61,18 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         if let Some(p) = &project {
             record_project(p.as_str());
         }
-        let id = if req.user_id.is_empty() {
-            None
-        } else {
-            v.check(|| "user_id".into(), UserId::parse(&req.user_id))
-        };
         if !req.request_id.is_empty() {
             v.check(|| "request_id".into(), check_request_id(&req.request_id));
         }
-        let initial_state = match pb::user::State::try_from(req.initial_state) {
-            Ok(pb::user::State::Unspecified | pb::user::State::Active) => State::Active,
-            Ok(pb::user::State::Pending) => State::Pending,
-            _ => {
-                v.push(
-                    "initial_state",
-                    "must be PENDING or ACTIVE (or unset, meaning ACTIVE)",
-                );
-                State::Active
-            }
-        };
-        let profile = match &req.user {
-            Some(u) => {
-                let p = parse_profile(u, "user", &|_| true, &mut v);
-                if !p.has_contact() && u.email.is_empty() && u.phone_number.is_empty() {
-                    for f in ["user.email", "user.phone_number"] {
-                        v.push(f, "a user needs at least one of email and phone_number");
-                    }
-                }
-                Some(p)
-            }
-            None => {
-                v.push("user", "is required");
-                None
-            }
-        };
+        let new = bulk::parse_create(&req, "", project, &mut v);
         v.into_result()?;
-        let (Some(project), Some(profile)) = (project, profile) else {
+        let Some(new) = new else {
             return Err(DomainError::Internal("validated request incomplete".into()).into());
         };
         let key = (!req.request_id.is_empty()).then(|| IdempotencyKey {
             request_id: req.request_id.clone(),
             fingerprint: fingerprint(&req),
         });
-        let new = NewUser {
-            project,
-            id,
-            profile,
-            initial_state,
-        };
         let user = self.users.create(new, key, req.validate_only).await?;
         let mut out = user_to_proto(&user);
         if req.validate_only {
@@ -334,6 +287,53 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         Ok(Response::new(pb::BatchGetUsersResponse {
             users: users.iter().map(user_to_proto).collect(),
         }))
+    }
+
+    type StreamUsersStream = bulk::ExportStream;
+
+    async fn stream_users(
+        &self,
+        request: Request<pb::StreamUsersRequest>,
+    ) -> Result<Response<Self::StreamUsersStream>, Status> {
+        let req = request.into_inner();
+        let mut q = QueryRequest::new(&req.parent, &req.filter, &req.order_by, req.show_deleted);
+        let size =
+            q.v.check(
+                || "batch_size".into(),
+                bulk::stream_batch_size(req.batch_size),
+            )
+            .unwrap_or(0);
+        let query = q.finish(None)?;
+        let after = self
+            .users
+            .decode_token(&query, &req.resume_token, "resume_token")?;
+        Ok(Response::new(bulk::export(
+            self.users.clone(),
+            query,
+            size,
+            after,
+        )))
+    }
+
+    async fn batch_create_users(
+        &self,
+        request: Request<pb::BatchCreateUsersRequest>,
+    ) -> Result<Response<pb::BatchCreateUsersResponse>, Status> {
+        Ok(Response::new(
+            bulk::batch_create(&self.users, request.into_inner()).await?,
+        ))
+    }
+
+    type ImportUsersStream = bulk::ImportStream;
+
+    async fn import_users(
+        &self,
+        request: Request<tonic::Streaming<pb::ImportUsersRequest>>,
+    ) -> Result<Response<Self::ImportUsersStream>, Status> {
+        Ok(Response::new(bulk::import(
+            self.users.clone(),
+            request.into_inner(),
+        )))
     }
 }
 

@@ -94,6 +94,30 @@ impl From<DomainError> for Status {
                 };
                 status(Code::AlreadyExists, message, d)
             }
+            DomainError::ItemAlreadyExists { field, id } => {
+                let d = info(conflict_reason(id), &[("field", field.clone())]);
+                let message = match id {
+                    Identifier::Name => format!("{field}: a user with this name already exists"),
+                    _ => format!(
+                        "{field}: another user of this project already has this {}",
+                        id.field()
+                    ),
+                };
+                status(Code::AlreadyExists, message, d)
+            }
+            DomainError::DuplicateInImport { field, id, earlier } => {
+                let mut md = vec![("field", field.clone())];
+                let who = match earlier {
+                    Some(i) => {
+                        md.push(("earlier_index", i.to_string()));
+                        format!("users[{i}]")
+                    }
+                    None => "an earlier user of this import".to_owned(),
+                };
+                let d = info("DUPLICATE_IN_IMPORT", &md);
+                let message = format!("{field}: the same {} as {who}", id.field());
+                status(Code::AlreadyExists, message, d)
+            }
             DomainError::NotDeleted(name) => {
                 let name = name.to_string();
                 let d = info("USER_NOT_DELETED", &[("name", name.clone())]);

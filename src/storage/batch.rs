@@ -180,8 +180,8 @@ async fn store_batch(db: &DatabaseConnection, jobs: &[Job]) -> Result<Vec<ItemRe
 /// Multi-row INSERTs in a few fixed sizes: a statement's text depends on its
 /// row count, and fixed sizes keep every shape in the prepared-statement
 /// cache instead of parsing a new one per batch.
-async fn insert_chunked(
-    conn: &DatabaseTransaction,
+pub(crate) async fn insert_chunked<C: sea_orm::ConnectionTrait>(
+    conn: &C,
     mut models: Vec<users::ActiveModel>,
 ) -> Result<(), DbErr> {
     const SIZES: [usize; 4] = [64, 16, 4, 1];

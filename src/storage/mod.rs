@@ -1,6 +1,7 @@
 //! sea-orm persistence: connecting, migrating, and the repository.
 
 mod batch;
+mod bulk;
 mod entity;
 mod query;
 mod read_batch;
@@ -19,9 +20,9 @@ use sea_orm::{
 use tracing::{debug, error, instrument, warn};
 
 use crate::domain::{
-    Address, Birthday, Created, Cursor, DomainError, Email, ExternalId, IdempotencyKey, Identifier,
-    Identity, Locale, PhoneNumber, PictureUri, Profile, ProjectId, State, Timestamp, User, UserId,
-    UserQuery, UserRepository, Username,
+    Address, BatchCreated, Birthday, Created, Cursor, DomainError, Email, ExternalId,
+    IdempotencyKey, Identifier, Identity, Locale, PhoneNumber, PictureUri, Profile, ProjectId,
+    State, StoredConflict, Timestamp, User, UserId, UserQuery, UserRepository, Username,
 };
 use std::sync::Arc;
 
@@ -143,20 +144,40 @@ fn lookup_select(project: &ProjectId, identity: &Identity) -> sea_orm::Select<us
         .filter(cond)
 }
 
-/// The result stored under an idempotency key.
-pub(crate) async fn find_request<C: ConnectionTrait>(
+/// The result stored under an idempotency key: one user (CreateUser) or a
+/// list (BatchCreateUsers).
+pub(crate) async fn find_request_users<C: ConnectionTrait>(
     conn: &C,
     project: &str,
     request_id: &str,
-) -> Result<Option<(String, User)>, DomainError> {
+) -> Result<Option<(String, Vec<User>)>, DomainError> {
     let found = request_ids::Entity::find_by_id((project.to_owned(), request_id.to_owned()))
         .one(conn)
         .await
         .map_err(db_error)?;
     let Some(rec) = found else { return Ok(None) };
-    let model: users::Model = serde_json::from_str(&rec.response)
-        .map_err(|e| DomainError::Internal(format!("stored response unreadable: {e}")))?;
-    Ok(Some((rec.fingerprint, from_model(model)?)))
+    let models: Vec<users::Model> = if rec.response.starts_with('[') {
+        unjson(&rec.response)?
+    } else {
+        vec![unjson(&rec.response)?]
+    };
+    let users = models
+        .into_iter()
+        .map(from_model)
+        .collect::<Result<_, _>>()?;
+    Ok(Some((rec.fingerprint, users)))
+}
+
+/// The user stored under a CreateUser idempotency key. A key of a batch
+/// answers with its first user; its fingerprint never matches a CreateUser.
+pub(crate) async fn find_request<C: ConnectionTrait>(
+    conn: &C,
+    project: &str,
+    request_id: &str,
+) -> Result<Option<(String, User)>, DomainError> {
+    Ok(find_request_users(conn, project, request_id)
+        .await?
+        .and_then(|(fingerprint, users)| users.into_iter().next().map(|u| (fingerprint, u))))
 }
 
 /// The identifier of `user` that another row holds, by a fixed priority
@@ -361,6 +382,28 @@ impl UserRepository for SeaOrmRepository {
         request_id: &str,
     ) -> Result<Option<(String, User)>, DomainError> {
         find_request(&self.db, project.as_str(), request_id).await
+    }
+
+    #[instrument(skip_all, fields(users = users.len()))]
+    async fn insert_all(
+        &self,
+        users: &[User],
+        key: Option<&IdempotencyKey>,
+    ) -> Result<BatchCreated, DomainError> {
+        bulk::insert_all(&self.db, users, key).await
+    }
+
+    async fn find_batch_request(
+        &self,
+        project: &ProjectId,
+        request_id: &str,
+    ) -> Result<Option<(String, Vec<User>)>, DomainError> {
+        find_request_users(&self.db, project.as_str(), request_id).await
+    }
+
+    #[instrument(skip_all, fields(users = users.len()))]
+    async fn import(&self, users: &[User]) -> Result<Vec<Option<StoredConflict>>, DomainError> {
+        bulk::import(&self.db, users).await
     }
 
     #[instrument(skip_all, fields(project = %user.project))]

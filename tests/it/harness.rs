@@ -127,6 +127,7 @@ impl Drop for TestDb {
 
 pub struct TestServer {
     pub channel: Channel,
+    pub addr: std::net::SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     pub db: TestDb,
@@ -162,6 +163,7 @@ impl TestServer {
             .connect_lazy();
         let server = TestServer {
             channel,
+            addr,
             shutdown: Some(tx),
             task: Some(task),
             db,
@@ -189,6 +191,14 @@ impl TestServer {
 
     pub fn client(&self) -> UserServiceClient<Channel> {
         UserServiceClient::new(self.channel.clone())
+    }
+
+    /// A client on a connection of its own (HTTP/2 flow control is shared by
+    /// the calls of one connection).
+    pub async fn own_client(&self) -> UserServiceClient<Channel> {
+        UserServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
     }
 
     /// Stops the server and waits for it to finish.

@@ -4,7 +4,9 @@
 
 mod harness;
 
+mod bulk;
 mod consistency;
+mod crash;
 mod create;
 mod filter_property;
 mod lifecycle;

@@ -1,0 +1,445 @@
+//! StreamUsers, BatchCreateUsers and ImportUsers: the request parsing and the
+//! stream plumbing. Storage and the rules live in the domain.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use super::convert::{fingerprint, parse_profile, user_to_proto};
+use super::trace::record_project;
+use crate::domain::query::encode_page_token;
+use crate::domain::{
+    DomainError, IdempotencyKey, ImportLog, NewUser, ProjectId, State, UserId, UserName, UserQuery,
+    UserRepository, Users, Violations,
+};
+use crate::proto::users::v1 as pb;
+
+/// Most users one BatchCreateUsers call creates.
+pub const MAX_BATCH_CREATE: usize = 1000;
+
+/// Users an import commits in one transaction (at most; a chunk is also cut
+/// when the client pauses, so that every user sent is acknowledged promptly).
+pub const IMPORT_CHUNK: usize = 1000;
+
+/// Most users a StreamUsers message carries.
+pub const MAX_STREAM_BATCH: u32 = 1000;
+
+/// The user a CreateUserRequest asks for, its violations recorded under
+/// `prefix` (`""` for CreateUser, `"requests[3]."` in a batch).
+pub(super) fn parse_create(
+    req: &pb::CreateUserRequest,
+    prefix: &str,
+    project: Option<ProjectId>,
+    v: &mut Violations,
+) -> Option<NewUser> {
+    let id = if req.user_id.is_empty() {
+        None
+    } else {
+        v.check(|| format!("{prefix}user_id"), UserId::parse(&req.user_id))
+    };
+    let initial_state = match pb::user::State::try_from(req.initial_state) {
+        Ok(pb::user::State::Unspecified | pb::user::State::Active) => State::Active,
+        Ok(pb::user::State::Pending) => State::Pending,
+        _ => {
+            v.push(
+                format!("{prefix}initial_state"),
+                "must be PENDING or ACTIVE (or unset, meaning ACTIVE)",
+            );
+            State::Active
+        }
+    };
+    let profile = match &req.user {
+        Some(u) => Some(parse_contactable(u, &format!("{prefix}user"), v)),
+        None => {
+            v.push(format!("{prefix}user"), "is required");
+            None
+        }
+    };
+    Some(NewUser {
+        project: project?,
+        id,
+        profile: profile?,
+        initial_state,
+    })
+}
+
+/// All writable fields of a new user, which needs an email or a phone number.
+fn parse_contactable(u: &pb::User, path: &str, v: &mut Violations) -> crate::domain::Profile {
+    let p = parse_profile(u, path, &|_| true, v);
+    if !p.has_contact() && u.email.is_empty() && u.phone_number.is_empty() {
+        for f in ["email", "phone_number"] {
+            v.push(
+                format!("{path}.{f}"),
+                "a user needs at least one of email and phone_number",
+            );
+        }
+    }
+    p
+}
+
+pub(super) fn check_request_id(s: &str) -> Result<(), String> {
+    if s.len() > 100
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
+    {
+        return Err(
+            "must be at most 100 characters of letters, digits, '_', '.', ':' and '-'".into(),
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn batch_create<R: UserRepository>(
+    users: &Users<R>,
+    req: pb::BatchCreateUsersRequest,
+) -> Result<pb::BatchCreateUsersResponse, Status> {
+    let mut v = Violations::default();
+    let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
+    if let Some(p) = &project {
+        record_project(p.as_str());
+    }
+    if req.requests.is_empty() || req.requests.len() > MAX_BATCH_CREATE {
+        v.push(
+            "requests",
+            format!(
+                "must hold 1 to {MAX_BATCH_CREATE} requests; {} given",
+                req.requests.len()
+            ),
+        );
+        return Err(v
+            .into_result()
+            .err()
+            .map_or_else(|| Status::internal("internal error"), Status::from));
+    }
+    if !req.request_id.is_empty() {
+        v.check(|| "request_id".into(), check_request_id(&req.request_id));
+    }
+    let mut news = Vec::with_capacity(req.requests.len());
+    for (i, item) in req.requests.iter().enumerate() {
+        let prefix = format!("requests[{i}].");
+        if !item.parent.is_empty() && item.parent != req.parent {
+            v.push(
+                format!("{prefix}parent"),
+                "must be empty or equal to the batch's parent",
+            );
+        }
+        if !item.request_id.is_empty() {
+            v.push(
+                format!("{prefix}request_id"),
+                "must be empty: the batch's request_id covers every item",
+            );
+        }
+        if item.validate_only {
+            v.push(
+                format!("{prefix}validate_only"),
+                "is not supported inside a batch",
+            );
+        }
+        news.extend(parse_create(item, &prefix, project.clone(), &mut v));
+    }
+    v.into_result()?;
+    let Some(project) = project else {
+        return Err(DomainError::Internal("validated request incomplete".into()).into());
+    };
+    let key = (!req.request_id.is_empty()).then(|| IdempotencyKey {
+        request_id: req.request_id.clone(),
+        fingerprint: batch_fingerprint(&req),
+    });
+    let created = users.batch_create(&project, news, key).await?;
+    Ok(pb::BatchCreateUsersResponse {
+        users: created.iter().map(user_to_proto).collect(),
+    })
+}
+
+/// As `fingerprint`, for a batch; never equal to a CreateUser's.
+fn batch_fingerprint(req: &pb::BatchCreateUsersRequest) -> String {
+    let mut r = req.clone();
+    r.request_id.clear();
+    let one = pb::CreateUserRequest {
+        parent: format!("batch:{}", prost::Message::encoded_len(&r)),
+        request_id: prost::Message::encode_to_vec(&r)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        ..Default::default()
+    };
+    fingerprint(&one)
+}
+
+pub(super) type ExportStream = ReceiverStream<Result<pb::StreamUsersResponse, Status>>;
+
+/// Runs an export in a task that reads one batch ahead: the channel holds at
+/// most two batches, so a slow client stalls the task (and the database
+/// reads) instead of growing a buffer, and a cancelled call closes the
+/// channel, which ends the task.
+pub(super) fn export<R: UserRepository>(
+    users: Arc<Users<R>>,
+    query: UserQuery,
+    size: u32,
+    mut after: Option<crate::domain::Cursor>,
+) -> ExportStream {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            let read = tokio::select! {
+                r = users.export_batch(&query, size, after.as_ref()) => r,
+                () = tx.closed() => return,
+            };
+            let (batch, cursor) = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            let Some(cursor) = cursor else { return };
+            let last = batch.len() < size as usize;
+            let message = pb::StreamUsersResponse {
+                users: batch.iter().map(user_to_proto).collect(),
+                resume_token: encode_page_token(&query, &cursor),
+            };
+            drop(batch);
+            if tx.send(Ok(message)).await.is_err() || last {
+                return;
+            }
+            after = Some(cursor);
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+pub(super) fn stream_batch_size(n: i32) -> Result<u32, String> {
+    match n {
+        n if n < 0 => Err("must not be negative".into()),
+        0 => Ok(crate::domain::service::DEFAULT_STREAM_BATCH),
+        n => Ok((n as u32).min(MAX_STREAM_BATCH)),
+    }
+}
+
+pub(super) type ImportStream = ReceiverStream<Result<pb::ImportUsersResponse, Status>>;
+
+/// The users of one chunk: the valid ones and the failures found while
+/// parsing, with `last` the index of its last user.
+struct Chunk {
+    project: ProjectId,
+    last: u64,
+    valid: Vec<(u64, NewUser)>,
+    invalid: Vec<(u64, DomainError)>,
+}
+
+/// Runs an import: a reader task parses and validates the incoming users and
+/// cuts them into chunks; a committer task stores one chunk at a time and
+/// acknowledges it. The chunk being parsed overlaps the one being committed;
+/// at most one more waits in between.
+pub(super) fn import<R: UserRepository>(
+    users: Arc<Users<R>>,
+    inbound: Streaming<pb::ImportUsersRequest>,
+) -> ImportStream {
+    let (acks, rx) = mpsc::channel(4);
+    let (chunks, mut todo) = mpsc::channel::<Result<Chunk, Status>>(1);
+    tokio::spawn(read_import(inbound, chunks));
+    tokio::spawn(async move {
+        let mut log = ImportLog::default();
+        while let Some(next) = todo.recv().await {
+            let chunk = match next {
+                Ok(c) => c,
+                Err(status) => {
+                    let _ = acks.send(Err(status)).await;
+                    return;
+                }
+            };
+            let outcome = users
+                .import_chunk(&chunk.project, chunk.valid, &mut log)
+                .await;
+            let ack = outcome.map_err(Status::from).map(|o| {
+                let mut failures: Vec<(u64, DomainError)> = chunk.invalid;
+                failures.extend(o.failures);
+                failures.sort_by_key(|(i, _)| *i);
+                pb::ImportUsersResponse {
+                    committed_through: chunk.last as i64,
+                    created_count: o.created as i64,
+                    failures: failures
+                        .into_iter()
+                        .map(|(index, e)| pb::ImportFailure {
+                            index: index as i64,
+                            status: Some(rpc_status(e)),
+                        })
+                        .collect(),
+                }
+            });
+            let failed = ack.is_err();
+            if acks.send(ack).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// A domain error as the google.rpc.Status a client would have received.
+fn rpc_status(e: DomainError) -> tonic_types::pb::Status {
+    let status = Status::from(e);
+    prost::Message::decode(status.details()).unwrap_or_else(|_| tonic_types::pb::Status {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: Vec::new(),
+    })
+}
+
+async fn read_import(
+    mut inbound: Streaming<pb::ImportUsersRequest>,
+    chunks: mpsc::Sender<Result<Chunk, Status>>,
+) {
+    let mut project: Option<ProjectId> = None;
+    let mut next_index: u64 = 0;
+    let mut pending: Option<Chunk> = None;
+    loop {
+        // Wait for the client only when nothing is pending; otherwise a
+        // pause of the client commits what it sent so far.
+        let message = if pending.is_none() {
+            inbound.message().await
+        } else {
+            match futures_now(inbound.message()) {
+                Some(m) => m,
+                None => {
+                    if let Some(c) = pending.take()
+                        && chunks.send(Ok(c)).await.is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        };
+        let m = match message {
+            Ok(Some(m)) => m,
+            // The client finished sending: commit the rest.
+            Ok(None) => {
+                if let Some(c) = pending.take() {
+                    let _ = chunks.send(Ok(c)).await;
+                }
+                return;
+            }
+            // The client went away: nothing more can be acknowledged.
+            Err(_) => return,
+        };
+        if let Err(status) = check_parent(&mut project, &m.parent) {
+            if let Some(c) = pending.take() {
+                let _ = chunks.send(Ok(c)).await;
+            }
+            let _ = chunks.send(Err(status)).await;
+            return;
+        }
+        let Some(project) = &project else { return };
+        for u in &m.users {
+            let index = next_index;
+            next_index += 1;
+            let chunk = pending.get_or_insert_with(|| Chunk {
+                project: project.clone(),
+                last: index,
+                valid: Vec::with_capacity(IMPORT_CHUNK),
+                invalid: Vec::new(),
+            });
+            chunk.last = index;
+            match parse_import_user(u, index, project) {
+                Ok(new) => chunk.valid.push((index, new)),
+                Err(e) => chunk.invalid.push((index, e)),
+            }
+            if chunk.valid.len() + chunk.invalid.len() >= IMPORT_CHUNK
+                && let Some(c) = pending.take()
+                && chunks.send(Ok(c)).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Polls a future once: its output if it is ready now.
+fn futures_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// The first message names the project; later ones repeat it or leave it
+/// empty.
+fn check_parent(project: &mut Option<ProjectId>, parent: &str) -> Result<(), Status> {
+    match project {
+        None => {
+            let p = ProjectId::parse_parent(parent).map_err(|r| {
+                let reason = if parent.is_empty() {
+                    "is required in the first message".to_owned()
+                } else {
+                    r
+                };
+                DomainError::invalid("parent", reason)
+            })?;
+            record_project(p.as_str());
+            *project = Some(p);
+            Ok(())
+        }
+        Some(p) if parent.is_empty() || parent == format!("projects/{p}") => Ok(()),
+        Some(_) => Err(DomainError::invalid(
+            "parent",
+            "must stay the same for the whole import (or be left empty after the first message)",
+        )
+        .into()),
+    }
+}
+
+/// One imported user: every writable field as in CreateUser, plus `name`
+/// (to choose the id) and `state` (PENDING, ACTIVE or DISABLED).
+fn parse_import_user(
+    u: &pb::User,
+    index: u64,
+    project: &ProjectId,
+) -> Result<NewUser, DomainError> {
+    let path = format!("users[{index}]");
+    let mut v = Violations::default();
+    let id = if u.name.is_empty() {
+        None
+    } else {
+        match UserName::parse(&u.name) {
+            Ok(n) if n.project == *project => Some(n.user),
+            Ok(_) => {
+                v.push(
+                    format!("{path}.name"),
+                    "must be a user of the import's parent",
+                );
+                None
+            }
+            Err(r) => {
+                v.push(format!("{path}.name"), r);
+                None
+            }
+        }
+    };
+    let initial_state = match pb::user::State::try_from(u.state) {
+        Ok(pb::user::State::Unspecified | pb::user::State::Active) => State::Active,
+        Ok(pb::user::State::Pending) => State::Pending,
+        Ok(pb::user::State::Disabled) => State::Disabled,
+        _ => {
+            v.push(
+                format!("{path}.state"),
+                "must be PENDING, ACTIVE or DISABLED (or unset, meaning ACTIVE)",
+            );
+            State::Active
+        }
+    };
+    let profile = parse_contactable(u, &path, &mut v);
+    v.into_result()?;
+    Ok(NewUser {
+        project: project.clone(),
+        id,
+        profile,
+        initial_state,
+    })
+}

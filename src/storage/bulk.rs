@@ -1,0 +1,231 @@
+//! Bulk writes: BatchCreateUsers (all or nothing) and ImportUsers chunks
+//! (one transaction each, conflicting users skipped). Both write with the
+//! multi-row INSERTs of the group commit; when a unique index refuses a
+//! statement, one query per 100 users finds who holds what.
+
+use std::collections::HashMap;
+
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr,
+    EntityTrait, QueryFilter, SqlErr, TransactionTrait,
+};
+
+use super::batch::insert_chunked;
+use super::entity::{request_ids, users};
+use super::{db_error, find_request_users, json, terms, to_model};
+use crate::domain::bulk::identifiers;
+use crate::domain::{
+    BatchCreated, DomainError, IdempotencyKey, Identifier, StoredConflict, Timestamp, User,
+};
+
+fn is_unique_violation(e: &DbErr) -> bool {
+    matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+/// Writes users and their index terms inside `conn`'s transaction.
+async fn write<C: ConnectionTrait>(conn: &C, users: &[&User]) -> Result<(), DbErr> {
+    let mut models = Vec::with_capacity(users.len());
+    for u in users {
+        let m = to_model(u).map_err(|e| DbErr::Custom(e.to_string()))?;
+        models.push(users::ActiveModel::from(m));
+    }
+    insert_chunked(conn, models).await?;
+    terms::insert(conn, users.iter().copied()).await
+}
+
+pub(crate) async fn insert_all(
+    db: &DatabaseConnection,
+    batch: &[User],
+    key: Option<&IdempotencyKey>,
+) -> Result<BatchCreated, DomainError> {
+    let Some(first) = batch.first() else {
+        return Ok(BatchCreated::New(Vec::new()));
+    };
+    let project = first.project.as_str();
+    let txn = db.begin().await.map_err(db_error)?;
+    if let Some(key) = key {
+        let models = batch.iter().map(to_model).collect::<Result<Vec<_>, _>>()?;
+        let rec = request_ids::ActiveModel {
+            project: Set(project.to_owned()),
+            request_id: Set(key.request_id.clone()),
+            fingerprint: Set(key.fingerprint.clone()),
+            user_id: Set(first.id.as_str().to_owned()),
+            response: Set(json(&models)?),
+            create_time: Set(first.create_time.nanos()),
+        };
+        let inserted = request_ids::Entity::insert(rec)
+            .on_conflict(
+                OnConflict::columns([request_ids::Column::Project, request_ids::Column::RequestId])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await
+            .map_err(db_error)?;
+        if inserted == 0 {
+            // A concurrent twin committed first: answer with its result.
+            txn.rollback().await.map_err(db_error)?;
+            return match find_request_users(db, project, &key.request_id).await? {
+                Some((fingerprint, users)) => Ok(BatchCreated::Earlier { fingerprint, users }),
+                None => Err(DomainError::Unavailable(
+                    "idempotency key vanished while in use; retry".into(),
+                )),
+            };
+        }
+    }
+    let refs: Vec<&User> = batch.iter().collect();
+    match write(&txn, &refs).await {
+        Ok(()) => {
+            txn.commit().await.map_err(db_error)?;
+            Ok(BatchCreated::New(batch.to_vec()))
+        }
+        Err(e) if is_unique_violation(&e) => {
+            txn.rollback().await.map_err(db_error)?;
+            let conflicts = find_conflicts(db, &refs).await?;
+            match conflicts.iter().position(Option::is_some) {
+                Some(index) => Ok(BatchCreated::Conflict {
+                    index,
+                    id: conflicts[index].map_or(Identifier::Name, |c| c.id),
+                }),
+                // The holder went away meanwhile; the caller may retry.
+                None => Err(db_error(e)),
+            }
+        }
+        Err(e) => {
+            let _ = txn.rollback().await;
+            Err(db_error(e))
+        }
+    }
+}
+
+/// How often a chunk is retried without the users found conflicting before
+/// falling back to one savepoint per user (only under concurrent writes of
+/// the same identifiers).
+const IMPORT_ATTEMPTS: usize = 3;
+
+pub(crate) async fn import(
+    db: &DatabaseConnection,
+    chunk: &[User],
+) -> Result<Vec<Option<StoredConflict>>, DomainError> {
+    let mut out: Vec<Option<StoredConflict>> = vec![None; chunk.len()];
+    let txn = db.begin().await.map_err(db_error)?;
+    for _ in 0..IMPORT_ATTEMPTS {
+        let pending: Vec<usize> = (0..chunk.len()).filter(|i| out[*i].is_none()).collect();
+        let users: Vec<&User> = pending.iter().map(|i| &chunk[*i]).collect();
+        let sp = txn.begin().await.map_err(db_error)?;
+        match write(&sp, &users).await {
+            Ok(()) => {
+                sp.commit().await.map_err(db_error)?;
+                txn.commit().await.map_err(db_error)?;
+                return Ok(out);
+            }
+            Err(e) if is_unique_violation(&e) => {
+                sp.rollback().await.map_err(db_error)?;
+                let found = find_conflicts(&txn, &users).await?;
+                if found.iter().all(Option::is_none) {
+                    break;
+                }
+                for (i, c) in pending.into_iter().zip(found) {
+                    out[i] = c;
+                }
+            }
+            Err(e) => return Err(db_error(e)),
+        }
+    }
+    // Someone keeps taking identifiers of this chunk: one savepoint per user.
+    for i in 0..chunk.len() {
+        if out[i].is_some() {
+            continue;
+        }
+        let sp = txn.begin().await.map_err(db_error)?;
+        match write(&sp, &[&chunk[i]]).await {
+            Ok(()) => sp.commit().await.map_err(db_error)?,
+            Err(e) if is_unique_violation(&e) => {
+                sp.rollback().await.map_err(db_error)?;
+                let found = find_conflicts(&txn, &[&chunk[i]]).await?;
+                out[i] = Some(found[0].unwrap_or(StoredConflict {
+                    id: match db_error(e) {
+                        DomainError::AlreadyExists(id) => id,
+                        _ => Identifier::Name,
+                    },
+                    holder_create_time: Timestamp::from_nanos(0),
+                }));
+            }
+            Err(e) => return Err(db_error(e)),
+        }
+    }
+    txn.commit().await.map_err(db_error)?;
+    Ok(out)
+}
+
+/// For each user, the first of its identifiers (by the fixed priority) that a
+/// stored user holds: a live user for email, phone number, username and
+/// external id, any user for the name.
+async fn find_conflicts<C: ConnectionTrait>(
+    conn: &C,
+    batch: &[&User],
+) -> Result<Vec<Option<StoredConflict>>, DomainError> {
+    let mut held: HashMap<(Identifier, String), i64> = HashMap::new();
+    for part in batch.chunks(100) {
+        let Some(first) = part.first() else { continue };
+        let mut by: HashMap<Identifier, Vec<String>> = HashMap::new();
+        for u in part {
+            for (id, v) in identifiers(u) {
+                by.entry(id).or_default().push(v);
+            }
+        }
+        let mut live = Condition::any();
+        for (id, values) in &by {
+            let column = match id {
+                Identifier::Email => users::Column::EmailKey,
+                Identifier::PhoneNumber => users::Column::PhoneNumber,
+                Identifier::Username => users::Column::Username,
+                Identifier::ExternalId => users::Column::ExternalId,
+                Identifier::Name => continue,
+            };
+            live = live.add(column.is_in(values.iter().map(String::as_str)));
+        }
+        let names = by.get(&Identifier::Name).cloned().unwrap_or_default();
+        let rows = users::Entity::find()
+            .filter(users::Column::Project.eq(first.project.as_str()))
+            .filter(
+                Condition::any()
+                    .add(users::Column::UserId.is_in(names))
+                    .add(
+                        Condition::all()
+                            .add(users::Column::DeleteTime.is_null())
+                            .add(live),
+                    ),
+            )
+            .all(conn)
+            .await
+            .map_err(db_error)?;
+        for row in rows {
+            let live = row.delete_time.is_none();
+            let mut hold = |id, v: Option<String>| {
+                if let Some(v) = v {
+                    held.insert((id, v), row.create_time);
+                }
+            };
+            hold(Identifier::Name, Some(row.user_id.clone()));
+            if live {
+                hold(Identifier::Email, row.email_key.clone());
+                hold(Identifier::PhoneNumber, row.phone_number.clone());
+                hold(Identifier::Username, row.username.clone());
+                hold(Identifier::ExternalId, row.external_id.clone());
+            }
+        }
+    }
+    Ok(batch
+        .iter()
+        .map(|u| {
+            identifiers(u).find_map(|key| {
+                held.get(&key).map(|t| StoredConflict {
+                    id: key.0,
+                    holder_create_time: Timestamp::from_nanos(*t),
+                })
+            })
+        })
+        .collect())
+}
