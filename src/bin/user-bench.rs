@@ -45,6 +45,14 @@ enum Scenario {
     Count,
     /// GetUser against a trivial in-memory UserService: the framework's limit.
     Ceiling,
+    /// ImportUsers of `--import-users` new users over one stream, in
+    /// messages of 1000; then the same rows inserted raw into an empty
+    /// database of the same engine (the ceiling it is divided by).
+    Import,
+    /// StreamUsers of every user of the project (batches of 500) to this
+    /// client, with the server's peak RSS; then the same rows read raw with
+    /// keyset queries (the ceiling).
+    Stream,
 }
 
 #[derive(Debug, Parser)]
@@ -81,6 +89,10 @@ struct Args {
     /// Requests in flight per connection.
     #[arg(long, default_value_t = 32)]
     in_flight: usize,
+
+    /// Users the import scenario loads.
+    #[arg(long, default_value_t = 1_000_000)]
+    import_users: usize,
 
     /// Concurrent CreateUser calls per connection while seeding.
     #[arg(long, default_value_t = 32)]
@@ -276,6 +288,146 @@ fn seed_user(run: &str, i: u64) -> pb::User {
 
 const PROJECT: &str = "projects/bench";
 
+/// A user as a migration from another system brings it.
+fn import_user(run: &str, i: usize) -> pb::User {
+    pb::User {
+        email: format!("imported{i}.{run}@legacy.example.com"),
+        email_verified: true,
+        display_name: format!("Imported User {i}"),
+        given_name: "Imported".into(),
+        family_name: format!("User{i}"),
+        external_id: format!("legacy-{run}-{i}"),
+        ..Default::default()
+    }
+}
+
+/// The messages of an import of `n` users, 1000 per message.
+fn import_messages(run: &str, n: usize) -> Vec<pb::ImportUsersRequest> {
+    (0..n)
+        .step_by(1000)
+        .enumerate()
+        .map(|(k, start)| pb::ImportUsersRequest {
+            parent: if k == 0 {
+                PROJECT.into()
+            } else {
+                String::new()
+            },
+            users: (start..(start + 1000).min(n))
+                .map(|i| import_user(run, i))
+                .collect(),
+        })
+        .collect()
+}
+
+/// What a one-shot bulk scenario moved, and how long it took.
+struct Moved {
+    users: u64,
+    failed: u64,
+    elapsed: Duration,
+}
+
+impl Moved {
+    fn per_sec(&self) -> f64 {
+        self.users as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+async fn run_import(
+    channel: Channel,
+    messages: Vec<pb::ImportUsersRequest>,
+) -> Result<Moved, BoxError> {
+    let mut client = UserServiceClient::new(channel);
+    let t0 = Instant::now();
+    let mut acks = client
+        .import_users(tokio_stream::iter(messages))
+        .await?
+        .into_inner();
+    let (mut users, mut failed) = (0, 0);
+    while let Some(a) = acks.message().await? {
+        users += a.created_count as u64;
+        failed += a.failures.len() as u64;
+    }
+    Ok(Moved {
+        users,
+        failed,
+        elapsed: t0.elapsed(),
+    })
+}
+
+/// The domain users of import chunk `k` (1000 users), as the service would
+/// store them: one create time per chunk, time-ordered ids.
+fn import_chunk_users(run: &str, n: usize, k: usize) -> Vec<user_service::domain::User> {
+    use user_service::domain::{ProjectId, State, Timestamp, User, UserId, Violations};
+    let project = ProjectId::parse_parent(PROJECT).expect("bench project");
+    let now = Timestamp::now();
+    (k * 1000..((k + 1) * 1000).min(n))
+        .map(|i| {
+            let mut v = Violations::default();
+            let profile = user_service::grpc::convert::parse_profile(
+                &import_user(run, i),
+                "user",
+                &|_| true,
+                &mut v,
+            );
+            User {
+                project: project.clone(),
+                id: UserId::generate(),
+                profile,
+                state: State::Active,
+                pre_delete_state: None,
+                create_time: now,
+                update_time: now,
+                delete_time: None,
+                purge_time: None,
+                revision: 1,
+            }
+        })
+        .collect()
+}
+
+/// An empty, migrated database of the same engine as `url` for the raw
+/// import ceiling: a file beside the bench's, or a schema of its own.
+async fn ceiling_database(url: &str, dir: &std::path::Path) -> Result<String, BoxError> {
+    use sea_orm::ConnectionTrait;
+    let raw = if url.starts_with("sqlite:") {
+        format!("sqlite://{}/raw-ceiling.db?mode=rwc", dir.display())
+    } else {
+        let admin = user_service::storage::connect(url, 1).await?;
+        admin
+            .execute_unprepared(
+                "DROP SCHEMA IF EXISTS raw_ceiling CASCADE; CREATE SCHEMA raw_ceiling",
+            )
+            .await?;
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}options[search_path]=raw_ceiling")
+    };
+    let db = user_service::storage::connect(&raw, 1).await?;
+    user_service::storage::migrate(&db).await?;
+    db.close().await?;
+    Ok(raw)
+}
+
+async fn run_stream(channel: Channel) -> Result<Moved, BoxError> {
+    let mut client = UserServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let t0 = Instant::now();
+    let mut s = client
+        .stream_users(pb::StreamUsersRequest {
+            parent: PROJECT.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut users = 0;
+    while let Some(m) = s.message().await? {
+        users += m.users.len() as u64;
+    }
+    Ok(Moved {
+        users,
+        failed: 0,
+        elapsed: t0.elapsed(),
+    })
+}
+
 /// Runs `op` from `connections x in_flight` workers: `warmup` unmeasured, then
 /// `duration` measured.
 async fn load<F, Fut>(channels: &[Channel], args: &Args, op: F) -> Stats
@@ -391,6 +543,8 @@ async fn run_scenario(
     run: &str,
 ) -> Stats {
     match s {
+        // One-shot scenarios, run by `run` itself.
+        Scenario::Import | Scenario::Stream => Stats::default(),
         Scenario::Get | Scenario::Ceiling => {
             let seeded = seeded.clone();
             load(channels, args, move |mut c, _| {
@@ -555,7 +709,10 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         args.connections, args.in_flight, args.duration, args.warmup
     );
 
-    let needs_seed = args.scenarios.iter().any(|s| *s != Scenario::Ceiling);
+    let needs_seed = args
+        .scenarios
+        .iter()
+        .any(|s| !matches!(s, Scenario::Ceiling | Scenario::Import | Scenario::Stream));
     let mut seeded = Seeded {
         names: Vec::new(),
         emails: Vec::new(),
@@ -594,6 +751,61 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let mut results: Vec<(Scenario, Stats, Option<u64>)> = Vec::new();
     let mut all_ok = true;
     for &s in &args.scenarios {
+        if matches!(s, Scenario::Import | Scenario::Stream) {
+            let pid = server.as_ref().map(|s| s.pid());
+            if let Some(pid) = pid {
+                reset_peak(pid);
+            }
+            let channel = connect(&target).await?;
+            let moved = if s == Scenario::Import {
+                let messages = import_messages(&run_id, args.import_users);
+                run_import(channel, messages).await?
+            } else {
+                run_stream(channel).await?
+            };
+            let peak = pid.and_then(|p| proc_kib(p, "VmHWM:"));
+            let anon = pid.and_then(|p| proc_kib(p, "RssAnon:"));
+            if moved.failed > 0 {
+                all_ok = false;
+            }
+            println!(
+                "{:<8} {:>9} users in {:.2} s: {:>9.0} users/s  failed {}  server peak RSS {} (anon now {})",
+                format!("{s:?}").to_lowercase(),
+                moved.users,
+                moved.elapsed.as_secs_f64(),
+                moved.per_sec(),
+                moved.failed,
+                mib(peak),
+                mib(anon),
+            );
+            if args.target.is_none() {
+                // The raw ceiling with the same rows, in this run.
+                let (rows, spent) = if s == Scenario::Import {
+                    let raw = ceiling_database(&db_url, dir.path()).await?;
+                    let n = args.import_users;
+                    let run = run_id.clone();
+                    user_service::storage::ceiling::raw_insert(&raw, n.div_ceil(1000), |k| {
+                        import_chunk_users(&run, n, k)
+                    })
+                    .await?
+                } else {
+                    user_service::storage::ceiling::raw_scan(&db_url, "bench", 500).await?
+                };
+                let raw_rate = rows as f64 / spent.as_secs_f64();
+                println!(
+                    "  raw {} ceiling, same rows: {rows} users in {:.2} s: {raw_rate:.0} users/s; {} / ceiling = {:.2}x",
+                    if s == Scenario::Import {
+                        "insert"
+                    } else {
+                        "keyset read"
+                    },
+                    spent.as_secs_f64(),
+                    format!("{s:?}").to_lowercase(),
+                    moved.per_sec() / raw_rate
+                );
+            }
+            continue;
+        }
         let (addr, pid, _ceiling) = if s == Scenario::Ceiling {
             let c = spawn_ceiling()?;
             wait_serving(&c.addr, Instant::now()).await?;

@@ -132,6 +132,19 @@ pub trait UserRepository: Send + Sync + 'static {
         limit: u64,
     ) -> impl Future<Output = Result<Vec<User>, DomainError>> + Send;
 
+    /// As `list`, for exports that read every page: the storage may read
+    /// them in a way that keeps memory flat rather than one tuned for
+    /// latency.
+    fn export(
+        &self,
+        query: &UserQuery,
+        after: Option<&Cursor>,
+        limit: u64,
+    ) -> impl Future<Output = Result<Vec<User>, DomainError>> + Send;
+
+    /// Brings the query planner's statistics up to date after a bulk load.
+    fn refresh_statistics(&self) -> impl Future<Output = Result<(), DomainError>> + Send;
+
     /// How many users match `query` (its order is ignored).
     fn count(&self, query: &UserQuery) -> impl Future<Output = Result<u64, DomainError>> + Send;
 

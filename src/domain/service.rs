@@ -330,6 +330,15 @@ impl<R: UserRepository> Users<R> {
         Ok(out)
     }
 
+    /// After a bulk load: the planner's statistics would otherwise describe
+    /// the table as it was before (PostgreSQL), and lists would be planned
+    /// as if it were nearly empty.
+    pub async fn refresh_statistics(&self) {
+        if let Err(e) = self.repo.refresh_statistics().await {
+            tracing::warn!(error = %e, "statistics not refreshed");
+        }
+    }
+
     /// The next batch of an export after `after`, and the token that resumes
     /// right after its last user. An empty batch ends the export.
     #[instrument(skip_all, fields(project = %query.project))]
@@ -339,7 +348,7 @@ impl<R: UserRepository> Users<R> {
         size: u32,
         after: Option<&Cursor>,
     ) -> Result<(Vec<User>, Option<Cursor>), DomainError> {
-        let users = self.repo.list(query, after, u64::from(size)).await?;
+        let users = self.repo.export(query, after, u64::from(size)).await?;
         let cursor = users
             .last()
             .map(|u| query.order.cursor_of(u, query.search.as_deref()));

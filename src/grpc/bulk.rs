@@ -23,6 +23,11 @@ pub const MAX_BATCH_CREATE: usize = 1000;
 /// when the client pauses, so that every user sent is acknowledged promptly).
 pub const IMPORT_CHUNK: usize = 1000;
 
+/// An import refreshes the planner's statistics after storing this many
+/// users, and at its end if it stored at least `ANALYZE_AFTER` since.
+const ANALYZE_EVERY: i64 = 250_000;
+const ANALYZE_AFTER: i64 = 10_000;
+
 /// Most users a StreamUsers message carries.
 pub const MAX_STREAM_BATCH: u32 = 1000;
 
@@ -243,6 +248,7 @@ pub(super) fn import<R: UserRepository>(
     tokio::spawn(read_import(inbound, chunks));
     tokio::spawn(async move {
         let mut log = ImportLog::default();
+        let mut unanalyzed = 0;
         while let Some(next) = todo.recv().await {
             let chunk = match next {
                 Ok(c) => c,
@@ -271,9 +277,19 @@ pub(super) fn import<R: UserRepository>(
                 }
             });
             let failed = ack.is_err();
-            if acks.send(ack).await.is_err() || failed {
-                return;
+            if let Ok(a) = &ack {
+                unanalyzed += a.created_count;
             }
+            if unanalyzed >= ANALYZE_EVERY {
+                users.refresh_statistics().await;
+                unanalyzed = 0;
+            }
+            if acks.send(ack).await.is_err() || failed {
+                break;
+            }
+        }
+        if unanalyzed >= ANALYZE_AFTER {
+            users.refresh_statistics().await;
         }
     });
     ReceiverStream::new(rx)

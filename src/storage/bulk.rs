@@ -109,20 +109,21 @@ pub(crate) async fn import(
     chunk: &[User],
 ) -> Result<Vec<Option<StoredConflict>>, DomainError> {
     let mut out: Vec<Option<StoredConflict>> = vec![None; chunk.len()];
-    let txn = db.begin().await.map_err(db_error)?;
+    // No savepoints: SQLite copies every page a savepoint changes into a
+    // sub-journal, which cost more than the inserts. A refused chunk rolls
+    // back whole and is retried without the users found conflicting.
     for _ in 0..IMPORT_ATTEMPTS {
         let pending: Vec<usize> = (0..chunk.len()).filter(|i| out[*i].is_none()).collect();
         let users: Vec<&User> = pending.iter().map(|i| &chunk[*i]).collect();
-        let sp = txn.begin().await.map_err(db_error)?;
-        match write(&sp, &users).await {
+        let txn = db.begin().await.map_err(db_error)?;
+        match write(&txn, &users).await {
             Ok(()) => {
-                sp.commit().await.map_err(db_error)?;
                 txn.commit().await.map_err(db_error)?;
                 return Ok(out);
             }
             Err(e) if is_unique_violation(&e) => {
-                sp.rollback().await.map_err(db_error)?;
-                let found = find_conflicts(&txn, &users).await?;
+                txn.rollback().await.map_err(db_error)?;
+                let found = find_conflicts(db, &users).await?;
                 if found.iter().all(Option::is_none) {
                     break;
                 }
@@ -130,10 +131,14 @@ pub(crate) async fn import(
                     out[i] = c;
                 }
             }
-            Err(e) => return Err(db_error(e)),
+            Err(e) => {
+                let _ = txn.rollback().await;
+                return Err(db_error(e));
+            }
         }
     }
     // Someone keeps taking identifiers of this chunk: one savepoint per user.
+    let txn = db.begin().await.map_err(db_error)?;
     for i in 0..chunk.len() {
         if out[i].is_some() {
             continue;

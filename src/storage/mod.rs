@@ -2,6 +2,7 @@
 
 mod batch;
 mod bulk;
+pub mod ceiling;
 mod entity;
 mod query;
 mod read_batch;
@@ -53,7 +54,15 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
-        });
+                // Statement journals (multi-row statements, savepoints) in
+                // memory rather than in temporary files.
+                .pragma("temp_store", "memory")
+        })
+        // Every statement is prepared once per connection and run many
+        // times; after five runs PostgreSQL may switch to a generic plan that
+        // ignores the values (a keyset page then scans and sorts the whole
+        // project). The plans here depend on the values: plan each run.
+        .map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_custom_plan")]));
     Database::connect(opts).await
 }
 
@@ -78,6 +87,9 @@ pub struct SeaOrmRepository {
     creates: Batcher,
     /// SQLite only: inline point reads (see `sqlite_read`).
     readers: Option<Arc<SqliteReaders>>,
+    /// SQLite only: connections for exports, without a memory map, so that
+    /// reading the whole table leaves the process's memory flat.
+    scan_readers: Option<Arc<SqliteReaders>>,
     /// PostgreSQL only: batched point reads (see `read_batch`).
     batched_reads: Option<ReadBatcher>,
 }
@@ -97,6 +109,7 @@ impl SeaOrmRepository {
             db,
             creates,
             readers: None,
+            scan_readers: None,
             batched_reads,
         }
     }
@@ -105,7 +118,8 @@ impl SeaOrmRepository {
     /// connections to the file of `url`.
     pub fn with_sqlite_readers(mut self, url: &str) -> Self {
         if self.db.get_database_backend() == DatabaseBackend::Sqlite {
-            self.readers = SqliteReaders::open(url, 4).map(Arc::new);
+            self.readers = SqliteReaders::open(url, 4, true).map(Arc::new);
+            self.scan_readers = SqliteReaders::open(url, 2, false).map(Arc::new);
         }
         self
     }
@@ -257,6 +271,35 @@ pub(crate) async fn explain<C: ConnectionTrait>(
 }
 
 impl SeaOrmRepository {
+    /// One page of `query`, read inline through `readers` on SQLite.
+    async fn page(
+        &self,
+        readers: Option<&Arc<SqliteReaders>>,
+        query: &UserQuery,
+        after: Option<&Cursor>,
+        limit: u64,
+    ) -> Result<Vec<User>, DomainError> {
+        let backend = self.db.get_database_backend();
+        let plan = self.plan(query).await?;
+        let stmt = query::select_page(backend, query, &plan, after, limit);
+        if let Some(r) = readers {
+            let (r, st) = (r.clone(), stmt.clone());
+            match tokio::task::spawn_blocking(move || r.users(&st)).await {
+                Ok(Ok(rows)) => return rows.into_iter().map(from_model).collect(),
+                Ok(Err(e)) => debug!(error = %e, "inline list failed; using the pool"),
+                Err(e) => debug!(error = %e, "inline list failed; using the pool"),
+            }
+        }
+        users::Entity::find()
+            .from_raw_sql(stmt)
+            .all(&self.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(from_model)
+            .collect()
+    }
+
     /// How `query` is read: decided from its shape, or by counting (up to a
     /// bound) the users having its most selective term.
     async fn plan(&self, query: &UserQuery) -> Result<Plan, DomainError> {
@@ -542,25 +585,28 @@ impl UserRepository for SeaOrmRepository {
         after: Option<&Cursor>,
         limit: u64,
     ) -> Result<Vec<User>, DomainError> {
-        let backend = self.db.get_database_backend();
-        let plan = self.plan(query).await?;
-        let stmt = query::select_page(backend, query, &plan, after, limit);
-        if let Some(r) = &self.readers {
-            let (r, st) = (r.clone(), stmt.clone());
-            match tokio::task::spawn_blocking(move || r.users(&st)).await {
-                Ok(Ok(rows)) => return rows.into_iter().map(from_model).collect(),
-                Ok(Err(e)) => debug!(error = %e, "inline list failed; using the pool"),
-                Err(e) => debug!(error = %e, "inline list failed; using the pool"),
-            }
-        }
-        users::Entity::find()
-            .from_raw_sql(stmt)
-            .all(&self.db)
+        self.page(self.readers.as_ref(), query, after, limit).await
+    }
+
+    #[instrument(skip_all, fields(project = %query.project))]
+    async fn export(
+        &self,
+        query: &UserQuery,
+        after: Option<&Cursor>,
+        limit: u64,
+    ) -> Result<Vec<User>, DomainError> {
+        self.page(self.scan_readers.as_ref(), query, after, limit)
             .await
-            .map_err(db_error)?
-            .into_iter()
-            .map(from_model)
-            .collect()
+    }
+
+    async fn refresh_statistics(&self) -> Result<(), DomainError> {
+        if self.db.get_database_backend() == DatabaseBackend::Postgres {
+            self.db
+                .execute_unprepared("ANALYZE users, user_terms")
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(())
     }
 
     #[instrument(skip_all, fields(project = %query.project))]

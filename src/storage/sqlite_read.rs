@@ -53,7 +53,9 @@ impl SqliteReaders {
     /// Opens `n` read-only connections to the database of a sqlite:// URL;
     /// `None` for in-memory databases or anything that cannot be opened (the
     /// sea-orm path then serves every read).
-    pub(crate) fn open(url: &str, n: usize) -> Option<Self> {
+    /// `mmap`: map the file (fast point reads, but every page a scan
+    /// touches then counts in the process's RSS).
+    pub(crate) fn open(url: &str, n: usize, mmap: bool) -> Option<Self> {
         use std::str::FromStr;
         let opts = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
         let path = opts.get_filename().to_owned();
@@ -70,7 +72,9 @@ impl SqliteReaders {
             c.busy_timeout(Duration::from_millis(200)).ok()?;
             // Map the file instead of copying pages through read(2) into a
             // private cache per connection.
-            c.pragma_update(None, "mmap_size", 1_i64 << 30).ok()?;
+            if mmap {
+                c.pragma_update(None, "mmap_size", 1_i64 << 30).ok()?;
+            }
             c.set_prepared_statement_cache_capacity(16);
             conns.push(Mutex::new(c));
         }
@@ -150,7 +154,7 @@ impl SqliteReaders {
 }
 
 /// The bound values of a statement as SQLite values.
-fn params(stmt: &sea_orm::Statement) -> rusqlite::Result<Vec<rusqlite::types::Value>> {
+pub(crate) fn params(stmt: &sea_orm::Statement) -> rusqlite::Result<Vec<rusqlite::types::Value>> {
     use rusqlite::types::Value as S;
     use sea_orm::Value as V;
     let Some(values) = &stmt.values else {
@@ -180,7 +184,7 @@ fn params(stmt: &sea_orm::Statement) -> rusqlite::Result<Vec<rusqlite::types::Va
         .collect()
 }
 
-fn model(r: &Row<'_>) -> rusqlite::Result<users::Model> {
+pub(crate) fn model(r: &Row<'_>) -> rusqlite::Result<users::Model> {
     Ok(users::Model {
         project: r.get(0)?,
         user_id: r.get(1)?,
