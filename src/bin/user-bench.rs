@@ -401,7 +401,9 @@ async fn ceiling_database(url: &str, dir: &std::path::Path) -> Result<String, Bo
         let sep = if url.contains('?') { '&' } else { '?' };
         format!("{url}{sep}options[search_path]=raw_ceiling")
     };
-    let db = user_service::storage::connect(&raw, 1).await?;
+    // Migrating on PostgreSQL holds a lock on one connection and runs on
+    // another.
+    let db = user_service::storage::connect(&raw, 2).await?;
     user_service::storage::migrate(&db).await?;
     db.close().await?;
     Ok(raw)
@@ -746,12 +748,23 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         }
     }
     let seeded = Arc::new(seeded);
-    let target = server.as_ref().map(|s| s.addr.clone()).unwrap_or(target);
+    let mut target = server.as_ref().map(|s| s.addr.clone()).unwrap_or(target);
 
     let mut results: Vec<(Scenario, Stats, Option<u64>)> = Vec::new();
     let mut all_ok = true;
     for &s in &args.scenarios {
         if matches!(s, Scenario::Import | Scenario::Stream) {
+            // The export's memory is measured on a fresh process, not on one
+            // whose allocator still holds what an import before it used.
+            if s == Scenario::Stream
+                && let Some(old) = server.as_mut()
+            {
+                old.stop();
+                let s2 = spawn_server(&bin, dir.path(), &db_url)?;
+                wait_serving(&s2.addr, Instant::now()).await?;
+                target = s2.addr.clone();
+                server = Some(s2);
+            }
             let pid = server.as_ref().map(|s| s.pid());
             if let Some(pid) = pid {
                 reset_peak(pid);

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, QueryTrait, Statement,
+    TransactionTrait,
 };
 
 use super::entity::{user_terms, users};
@@ -84,11 +85,11 @@ pub async fn raw_insert(
             let chunk = make(i);
             let stmts = statements(DatabaseBackend::Postgres, &chunk)?;
             let t0 = Instant::now();
-            db.execute_unprepared("BEGIN").await?;
+            let txn = db.begin().await?;
             for s in stmts {
-                db.execute_raw(s).await?;
+                txn.execute_raw(s).await?;
             }
-            db.execute_unprepared("COMMIT").await?;
+            txn.commit().await?;
             spent += t0.elapsed();
             rows += chunk.len() as u64;
         }
