@@ -29,6 +29,7 @@ def generate(out):
         "users/v1/user_service.proto",
         "google/type/date.proto",
         "google/api/field_behavior.proto",
+        "google/rpc/status.proto",
     ]
     rc = protoc.main(
         ["protoc", f"-I{os.path.join(ROOT, 'proto')}", f"-I{well_known}",
@@ -100,6 +101,22 @@ def main():
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
             trailers = dict(e.trailing_metadata() or ())
             assert "grpc-status-details-bin" in trailers, trailers
+
+        # Bulk: a client-streaming import answered per chunk, then an export.
+        def batches():
+            yield user_service_pb2.ImportUsersRequest(
+                parent="projects/bulk",
+                users=[user_pb2.User(email=f"p{i}@example.org") for i in range(3)])
+            yield user_service_pb2.ImportUsersRequest(
+                users=[user_pb2.User(email="bad"), user_pb2.User(email="p0@EXAMPLE.org")])
+        acks = list(stub.ImportUsers(batches()))
+        assert acks[-1].committed_through == 4, acks
+        assert sum(a.created_count for a in acks) == 3, acks
+        failed = [(f.index, f.status.code) for a in acks for f in a.failures]
+        assert failed == [(3, 3), (4, 6)], failed  # INVALID_ARGUMENT, ALREADY_EXISTS
+        exported = [u.email for m in stub.StreamUsers(user_service_pb2.StreamUsersRequest(
+            parent="projects/bulk", order_by="email")) for u in m.users]
+        assert exported == ["p0@example.org", "p1@example.org", "p2@example.org"], exported
 
         from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
             ProtoReflectionDescriptorDatabase,
