@@ -357,7 +357,7 @@ async fn run_import(
 /// The domain users of import chunk `k` (1000 users), as the service would
 /// store them: one create time per chunk, time-ordered ids.
 fn import_chunk_users(run: &str, n: usize, k: usize) -> Vec<user_service::domain::User> {
-    use user_service::domain::{ProjectId, State, Timestamp, User, UserId, Violations};
+    use user_service::domain::{NewUser, ProjectId, State, Timestamp, Violations};
     let project = ProjectId::parse_parent(PROJECT).expect("bench project");
     let now = Timestamp::now();
     (k * 1000..((k + 1) * 1000).min(n))
@@ -369,18 +369,13 @@ fn import_chunk_users(run: &str, n: usize, k: usize) -> Vec<user_service::domain
                 &|_| true,
                 &mut v,
             );
-            User {
+            NewUser {
                 project: project.clone(),
-                id: UserId::generate(),
+                id: None,
                 profile,
-                state: State::Active,
-                pre_delete_state: None,
-                create_time: now,
-                update_time: now,
-                delete_time: None,
-                purge_time: None,
-                revision: 1,
+                initial_state: State::Active,
             }
+            .into_user(now)
         })
         .collect()
 }

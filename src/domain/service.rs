@@ -36,7 +36,8 @@ pub struct NewUser {
 }
 
 impl NewUser {
-    fn into_user(self, now: Timestamp) -> User {
+    /// The user as first stored: revision 1, created and updated `now`.
+    pub fn into_user(self, now: Timestamp) -> User {
         User {
             project: self.project,
             id: self.id.unwrap_or_else(UserId::generate),

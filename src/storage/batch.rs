@@ -195,6 +195,33 @@ pub(crate) async fn insert_chunked<C: sea_orm::ConnectionTrait>(
     Ok(())
 }
 
+/// Stores an idempotency key with the response it answers (for `first`, the
+/// first user of the request); `false` if the key is already stored.
+pub(crate) async fn claim_key<C: sea_orm::ConnectionTrait>(
+    conn: &C,
+    first: &User,
+    key: &IdempotencyKey,
+    response: String,
+) -> Result<bool, DbErr> {
+    let rec = request_ids::ActiveModel {
+        project: Set(first.project.as_str().to_owned()),
+        request_id: Set(key.request_id.clone()),
+        fingerprint: Set(key.fingerprint.clone()),
+        user_id: Set(first.id.as_str().to_owned()),
+        response: Set(response),
+        create_time: Set(first.create_time.nanos()),
+    };
+    let inserted = request_ids::Entity::insert(rec)
+        .on_conflict(
+            OnConflict::columns([request_ids::Column::Project, request_ids::Column::RequestId])
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(conn)
+        .await?;
+    Ok(inserted == 1)
+}
+
 /// Stores one user in a transaction of its own.
 async fn store_alone(
     db: &DatabaseConnection,
@@ -226,23 +253,8 @@ async fn store_one(
             Ok(r) => r,
             Err(e) => return Ok(Err(DomainError::Internal(e.to_string()))),
         };
-        let rec = request_ids::ActiveModel {
-            project: Set(model.project.clone()),
-            request_id: Set(key.request_id.clone()),
-            fingerprint: Set(key.fingerprint.clone()),
-            user_id: Set(model.user_id.clone()),
-            response: Set(response),
-            create_time: Set(user.create_time.nanos()),
-        };
-        let inserted = request_ids::Entity::insert(rec)
-            .on_conflict(
-                OnConflict::columns([request_ids::Column::Project, request_ids::Column::RequestId])
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .exec_without_returning(&sp)
-            .await?;
-        if inserted == 0 {
+        let inserted = claim_key(&sp, user, key, response).await?;
+        if !inserted {
             sp.rollback().await?;
             return Ok(Ok(Outcome::KeyTaken));
         }

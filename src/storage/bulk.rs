@@ -5,14 +5,13 @@
 
 use std::collections::HashMap;
 
-use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr,
-    EntityTrait, QueryFilter, SqlErr, TransactionTrait,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    SqlErr, TransactionTrait,
 };
 
-use super::batch::insert_chunked;
-use super::entity::{request_ids, users};
+use super::batch::{claim_key, insert_chunked};
+use super::entity::users;
 use super::{db_error, find_request_users, json, terms, to_model};
 use crate::domain::bulk::identifiers;
 use crate::domain::{
@@ -46,24 +45,10 @@ pub(crate) async fn insert_all(
     let txn = db.begin().await.map_err(db_error)?;
     if let Some(key) = key {
         let models = batch.iter().map(to_model).collect::<Result<Vec<_>, _>>()?;
-        let rec = request_ids::ActiveModel {
-            project: Set(project.to_owned()),
-            request_id: Set(key.request_id.clone()),
-            fingerprint: Set(key.fingerprint.clone()),
-            user_id: Set(first.id.as_str().to_owned()),
-            response: Set(json(&models)?),
-            create_time: Set(first.create_time.nanos()),
-        };
-        let inserted = request_ids::Entity::insert(rec)
-            .on_conflict(
-                OnConflict::columns([request_ids::Column::Project, request_ids::Column::RequestId])
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .exec_without_returning(&txn)
+        let inserted = claim_key(&txn, first, key, json(&models)?)
             .await
             .map_err(db_error)?;
-        if inserted == 0 {
+        if !inserted {
             // A concurrent twin committed first: answer with its result.
             txn.rollback().await.map_err(db_error)?;
             return match find_request_users(db, project, &key.request_id).await? {

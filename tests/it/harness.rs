@@ -298,3 +298,16 @@ pub fn nanos(t: &Option<prost_types::Timestamp>) -> i128 {
     let t = t.as_ref().expect("timestamp set");
     i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
 }
+
+/// CountUsers of `PROJECT` with `filter`, deleted users included.
+pub async fn count_all(c: &mut UserServiceClient<Channel>, filter: &str) -> i64 {
+    c.count_users(pb::CountUsersRequest {
+        parent: PROJECT.into(),
+        filter: filter.into(),
+        show_deleted: true,
+    })
+    .await
+    .expect("count")
+    .into_inner()
+    .total_size
+}
