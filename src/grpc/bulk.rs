@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::convert::{fingerprint, parse_profile, user_to_proto};
+use super::convert::{batch_fingerprint, parse_profile, user_to_proto};
 use super::trace::record_project;
 use crate::domain::query::encode_page_token;
 use crate::domain::{
@@ -157,21 +157,6 @@ pub(super) async fn batch_create<R: UserRepository>(
     Ok(pb::BatchCreateUsersResponse {
         users: created.iter().map(user_to_proto).collect(),
     })
-}
-
-/// As `fingerprint`, for a batch; never equal to a CreateUser's.
-fn batch_fingerprint(req: &pb::BatchCreateUsersRequest) -> String {
-    let mut r = req.clone();
-    r.request_id.clear();
-    let one = pb::CreateUserRequest {
-        parent: format!("batch:{}", prost::Message::encoded_len(&r)),
-        request_id: prost::Message::encode_to_vec(&r)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-        ..Default::default()
-    };
-    fingerprint(&one)
 }
 
 pub(super) type ExportStream = ReceiverStream<Result<pb::StreamUsersResponse, Status>>;

@@ -535,12 +535,27 @@ fn snake_case(p: &str) -> String {
 /// A stable fingerprint of a create request, for idempotency keys: the SHA-256
 /// of its encoding without the key itself and without `validate_only`.
 pub fn fingerprint(req: &pb::CreateUserRequest) -> String {
-    use sha2::{Digest, Sha256};
     let mut r = req.clone();
     r.request_id.clear();
     r.validate_only = false;
-    let digest = Sha256::digest(r.encode_to_vec());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    sha256_hex(&[&r.encode_to_vec()])
+}
+
+/// As `fingerprint`, for a BatchCreateUsers request; the domain prefix keeps
+/// it distinct from every CreateUser fingerprint.
+pub fn batch_fingerprint(req: &pb::BatchCreateUsersRequest) -> String {
+    let mut r = req.clone();
+    r.request_id.clear();
+    sha256_hex(&[b"batch:", &r.encode_to_vec()])
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

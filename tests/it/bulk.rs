@@ -437,7 +437,15 @@ async fn batch_create_request_id_replays(engine: Engine) {
         .into_inner();
     assert_eq!(first, again);
     assert_eq!(count_all(&mut c, "").await, 3);
-    // The same key with another batch, or with a CreateUser.
+    // The same key with another batch (even one of the same size), or with
+    // a CreateUser.
+    let mut same_size = req.clone();
+    same_size.requests[2] = item(member(7));
+    assert_error(
+        c.batch_create_users(same_size).await,
+        Code::FailedPrecondition,
+        "REQUEST_ID_REUSED",
+    );
     let mut other = req.clone();
     other.requests.pop();
     assert_error(
