@@ -6,16 +6,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
+use crate::auth::AuthLayer;
 use crate::config::Settings;
 use crate::domain::{UserRepository, Users};
 use crate::grpc::trace::RpcTraceLayer;
-use crate::grpc::{UserServiceImpl, UserServiceServer};
+use crate::grpc::{MAX_RESPONSE_BYTES, UserServiceImpl, UserServiceServer, panic_response};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::storage::{self, SeaOrmRepository};
 
@@ -53,6 +54,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
     let addr: SocketAddr = listener.local_addr()?;
+    let auth = settings.auth();
+    check_exposure(addr, auth.enabled(), settings.insecure_no_auth)?;
+    let tls = tls_config(&settings)?;
+    let verifier = auth.verifier().await?;
     let repo = open_database(&settings).await?;
     let users = Arc::new(Users::new(repo, settings.delete_retention));
 
@@ -80,11 +85,32 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let service = UserServiceServer::new(UserServiceImpl::new(users));
-    info!(%addr, "serving users.v1.UserService");
-    let result = Server::builder()
+    let service = UserServiceServer::new(UserServiceImpl::new(users))
+        .max_decoding_message_size(settings.max_request_bytes)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    info!(%addr, tls = tls.is_some(), auth = auth.enabled(), "serving users.v1.UserService");
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| format!("cannot use the TLS settings: {e}"))?;
+    }
+    let result = builder
         .timeout(settings.request_timeout)
-        .layer(RpcTraceLayer)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .http2_max_header_list_size(HEADER_LIST_BYTES)
+        // Outermost first: the trace sees every outcome, a panic anywhere
+        // below answers INTERNAL, and only authenticated calls reach a
+        // service.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(RpcTraceLayer)
+                .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                    panic_response,
+                ))
+                .layer(AuthLayer::new(verifier))
+                .into_inner(),
+        )
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -104,6 +130,57 @@ pub async fn serve(
     result?;
     info!("stopped");
     Ok(())
+}
+
+/// Most bytes of request headers (a bearer token is at most 8 KiB).
+const HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// Without authentication the server only serves on a loopback address,
+/// unless the operator insists.
+fn check_exposure(addr: SocketAddr, auth: bool, insecure: bool) -> Result<(), BoxError> {
+    if auth {
+        return Ok(());
+    }
+    if addr.ip().is_loopback() {
+        warn!(
+            %addr,
+            "no authentication configured: any process on this machine may read and change \
+             every project; set --auth-jwt-secret-file, --auth-jwks-file or --auth-jwks-url \
+             before serving other machines"
+        );
+        return Ok(());
+    }
+    if insecure {
+        warn!(
+            %addr,
+            "no authentication configured and --insecure-no-auth given: anyone who reaches \
+             this address may read and change every project"
+        );
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to serve on {addr} without authentication: set --auth-jwt-secret-file, \
+         --auth-jwks-file or --auth-jwks-url (or --insecure-no-auth on a trusted network)"
+    )
+    .into())
+}
+
+/// The TLS configuration the settings ask for, if any.
+fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, BoxError> {
+    let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
+        return Ok(None);
+    };
+    let read = |p: &std::path::PathBuf, what: &str| {
+        std::fs::read(p).map_err(|e| format!("cannot read the {what} {}: {e}", p.display()))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(cert, "TLS certificate")?,
+        read(key, "TLS key")?,
+    ));
+    if let Some(ca) = &settings.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+    }
+    Ok(Some(tls))
 }
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {

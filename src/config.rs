@@ -1,6 +1,7 @@
 //! Command line and environment configuration: every flag is also an env var.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -46,6 +47,31 @@ pub enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Print a signed HS256 token for operators and scripts, e.g.
+    /// TOKEN=$(user-service token --secret-file secret --project acme --scope "users.read users.write").
+    Token {
+        /// The shared secret (the server's --auth-jwt-secret-file when omitted).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        /// A project the token grants; repeat for several, or '*' for all.
+        #[arg(long = "project", required = true)]
+        projects: Vec<String>,
+        /// Space-separated scopes: users.read, users.write, users.admin.
+        #[arg(long)]
+        scope: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The caller's identity (`sub`), as logs and audit events name it.
+        #[arg(long, default_value = "operator")]
+        subject: String,
+        /// The `iss` claim (the server's --auth-issuer when omitted).
+        #[arg(long)]
+        issuer: Option<String>,
+        /// The `aud` claim (the server's --auth-audience when omitted).
+        #[arg(long)]
+        audience: Option<String>,
+    },
 }
 
 /// What the server needs to run.
@@ -90,9 +116,93 @@ pub struct Settings {
     /// How often the database is probed for the health service.
     #[arg(long, env = "USER_SERVICE_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
     pub health_interval: Duration,
+
+    /// HS256 tokens: a file holding the shared secret (trailing whitespace
+    /// is ignored).
+    #[arg(long, env = "USER_SERVICE_AUTH_JWT_SECRET_FILE", global = true)]
+    pub auth_jwt_secret_file: Option<PathBuf>,
+
+    /// RS256/ES256 tokens: a file holding the issuer's public keys (JWKS).
+    #[arg(long, env = "USER_SERVICE_AUTH_JWKS_FILE", global = true)]
+    pub auth_jwks_file: Option<PathBuf>,
+
+    /// RS256/ES256 tokens: the issuer's JWKS URL, fetched at start, every 10
+    /// minutes, and when a token names an unknown kid (at most every 30 s).
+    #[arg(long, env = "USER_SERVICE_AUTH_JWKS_URL", global = true)]
+    pub auth_jwks_url: Option<String>,
+
+    /// Required `iss` of every token (not checked when unset).
+    #[arg(long, env = "USER_SERVICE_AUTH_ISSUER", global = true)]
+    pub auth_issuer: Option<String>,
+
+    /// Required `aud` of every token (not checked when unset).
+    #[arg(long, env = "USER_SERVICE_AUTH_AUDIENCE", global = true)]
+    pub auth_audience: Option<String>,
+
+    /// Clock skew allowed when checking `exp` and `nbf`.
+    #[arg(long, env = "USER_SERVICE_AUTH_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub auth_leeway: Duration,
+
+    /// Serve without authentication on a non-loopback address (every caller
+    /// may do everything in every project). Only for trusted networks.
+    #[arg(long, env = "USER_SERVICE_INSECURE_NO_AUTH", global = true)]
+    pub insecure_no_auth: bool,
+
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(
+        long,
+        env = "USER_SERVICE_TLS_CERT",
+        requires = "tls_key",
+        global = true
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        env = "USER_SERVICE_TLS_KEY",
+        requires = "tls_cert",
+        global = true
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(
+        long,
+        env = "USER_SERVICE_TLS_CLIENT_CA",
+        requires = "tls_cert",
+        global = true
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Largest request message accepted (larger ones are RESOURCE_EXHAUSTED
+    /// before they are decoded).
+    #[arg(long, env = "USER_SERVICE_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024, global = true)]
+    pub max_request_bytes: usize,
+
+    /// Most concurrent calls (HTTP/2 streams) one connection may have open.
+    #[arg(
+        long,
+        env = "USER_SERVICE_MAX_CONCURRENT_STREAMS",
+        default_value_t = 256,
+        global = true
+    )]
+    pub max_concurrent_streams: u32,
 }
 
 impl Settings {
+    /// The authentication part of the settings.
+    pub fn auth(&self) -> crate::auth::AuthSettings {
+        crate::auth::AuthSettings {
+            jwt_secret_file: self.auth_jwt_secret_file.clone(),
+            jwks_file: self.auth_jwks_file.clone(),
+            jwks_url: self.auth_jwks_url.clone(),
+            issuer: self.auth_issuer.clone(),
+            audience: self.auth_audience.clone(),
+            leeway: self.auth_leeway,
+        }
+    }
+
     /// Settings for a server on `database_url` with every other value at its default.
     pub fn for_database(database_url: impl Into<String>) -> Self {
         let mut s = Cli::parse_from(["user-service"]).settings;

@@ -12,9 +12,45 @@ use user_service::{storage, telemetry};
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    if let Some(Command::Token {
+        secret_file,
+        projects,
+        scope,
+        ttl,
+        subject,
+        issuer,
+        audience,
+    }) = &cli.command
+    {
+        let s = &cli.settings;
+        let Some(secret_file) = secret_file.as_ref().or(s.auth_jwt_secret_file.as_ref()) else {
+            eprintln!("user-service token: --secret-file (or --auth-jwt-secret-file) is required");
+            return ExitCode::from(2);
+        };
+        let request = user_service::auth::mint::TokenRequest {
+            secret_file,
+            projects,
+            scope,
+            ttl: *ttl,
+            subject,
+            issuer: issuer.as_deref().or(s.auth_issuer.as_deref()),
+            audience: audience.as_deref().or(s.auth_audience.as_deref()),
+        };
+        return match user_service::auth::mint::mint(&request) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("user-service token: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => app::run(cli.settings, shutdown_signal()).await,
         Command::Migrate => migrate(&cli.settings.database_url).await,
+        Command::Token { .. } => Ok(()),
         Command::Healthcheck { addr, timeout } => {
             return match tokio::time::timeout(timeout, healthcheck(addr)).await {
                 Ok(Ok(())) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! Everything a domain operation can refuse. The gRPC layer maps each variant
 //! to a status code with an exhaustive match.
 
+use super::caller::Denied;
 use super::values::UserName;
 
 /// One refused field: its path in the request and why.
@@ -10,13 +11,25 @@ pub struct FieldViolation {
     pub description: String,
 }
 
-/// Collects every violation of a request so they are reported together.
+/// Most violations one error lists; the rest are only counted, so a request
+/// with a million bad items costs a bounded answer.
+pub const MAX_VIOLATIONS: usize = 100;
+
+/// Collects every violation of a request so they are reported together (the
+/// first `MAX_VIOLATIONS` of them, and how many more there were).
 #[derive(Debug, Default)]
-pub struct Violations(Vec<FieldViolation>);
+pub struct Violations {
+    list: Vec<FieldViolation>,
+    omitted: usize,
+}
 
 impl Violations {
     pub fn push(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push(FieldViolation {
+        if self.list.len() >= MAX_VIOLATIONS {
+            self.omitted += 1;
+            return;
+        }
+        self.list.push(FieldViolation {
             field: field.into(),
             description: description.into(),
         });
@@ -33,19 +46,23 @@ impl Violations {
         }
     }
 
+    /// How many violations were found (listed or not).
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.list.len() + self.omitted
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.list.is_empty()
     }
 
     pub fn into_result(self) -> Result<(), DomainError> {
-        if self.0.is_empty() {
+        if self.list.is_empty() {
             Ok(())
         } else {
-            Err(DomainError::InvalidArgument(self.0))
+            Err(DomainError::InvalidArgument {
+                violations: self.list,
+                omitted: self.omitted,
+            })
         }
     }
 }
@@ -83,8 +100,12 @@ pub enum QueryProblem {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {
+    /// Bad fields: at most `MAX_VIOLATIONS` listed, `omitted` more counted.
     #[error("invalid argument")]
-    InvalidArgument(Vec<FieldViolation>),
+    InvalidArgument {
+        violations: Vec<FieldViolation>,
+        omitted: usize,
+    },
     /// A filter, order, page token or search query that cannot be used.
     #[error("{field}: {description}")]
     BadQuery {
@@ -122,6 +143,13 @@ pub enum DomainError {
     InvalidTransition(UserName),
     #[error("request_id was already used with a different request")]
     RequestIdReused,
+    /// A verified caller asked for a project or a scope its token does not
+    /// grant.
+    #[error("permission denied: {0:?}")]
+    PermissionDenied(Denied),
+    /// The request is larger than the service takes or answers in one call.
+    #[error("{field}: {description}")]
+    TooLarge { field: String, description: String },
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -130,9 +158,12 @@ pub enum DomainError {
 
 impl DomainError {
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
-        DomainError::InvalidArgument(vec![FieldViolation {
-            field: field.into(),
-            description: description.into(),
-        }])
+        DomainError::InvalidArgument {
+            violations: vec![FieldViolation {
+                field: field.into(),
+                description: description.into(),
+            }],
+            omitted: 0,
+        }
     }
 }

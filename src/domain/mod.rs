@@ -2,6 +2,7 @@
 //! trait. Nothing here knows about gRPC or SQL.
 
 pub mod bulk;
+pub mod caller;
 pub mod error;
 pub mod filter;
 pub mod query;
@@ -11,6 +12,7 @@ pub mod user;
 pub mod values;
 
 pub use bulk::{ChunkOutcome, ImportLog};
+pub use caller::{Caller, Denied, Projects, Scope};
 pub use error::{DomainError, FieldViolation, Identifier, QueryProblem, Violations};
 pub use query::{Cursor, OrderBy, UserQuery};
 pub use repository::{

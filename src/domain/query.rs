@@ -350,6 +350,11 @@ pub enum TokenError {
 const TOKEN_VERSION: u8 = 1;
 
 /// Encodes a cursor for `query` as an opaque, checksummed token.
+/// The token of the page that starts right after `last`.
+pub fn next_page_token(query: &UserQuery, last: &super::User) -> String {
+    encode_page_token(query, &query.order.cursor_of(last, query.search.as_deref()))
+}
+
 pub fn encode_page_token(query: &UserQuery, cursor: &Cursor) -> String {
     let mut b = vec![TOKEN_VERSION];
     b.extend_from_slice(&query.fingerprint);

@@ -8,7 +8,7 @@ use super::bulk::{ChunkOutcome, Claims, ImportLog};
 use super::error::{DomainError, FieldViolation, Identifier, QueryProblem, Violations};
 use super::query::{
     Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, TokenError, UserQuery, decode_page_token,
-    encode_page_token,
+    next_page_token,
 };
 use super::repository::{BatchCreated, Created, IdempotencyKey, Identity, UserRepository};
 use super::user::{FieldPath, MAX_METADATA, Profile, State, User};
@@ -405,9 +405,7 @@ impl<R: UserRepository> Users<R> {
             users.truncate(size as usize);
             users
                 .last()
-                .map(|u| {
-                    encode_page_token(query, &query.order.cursor_of(u, query.search.as_deref()))
-                })
+                .map(|u| next_page_token(query, u))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -544,6 +542,9 @@ fn check_merged(p: &Profile) -> Result<(), DomainError> {
     if v.is_empty() {
         Ok(())
     } else {
-        Err(DomainError::InvalidArgument(v))
+        Err(DomainError::InvalidArgument {
+            violations: v,
+            omitted: 0,
+        })
     }
 }

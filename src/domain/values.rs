@@ -11,6 +11,16 @@ use serde::{Deserialize, Serialize};
 /// Why a single value was refused; the caller adds the field path.
 pub type Reason = String;
 
+/// A client's string as an error message may quote it: at most 64
+/// characters, so that an answer never grows with what was sent.
+pub fn clip(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => s.to_owned(),
+        Some((end, _)) => format!("{}…", &s[..end]),
+    }
+}
+
 fn is_id_char(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
 }

@@ -7,14 +7,20 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use super::audit::{self, Audit};
 use super::convert::{batch_fingerprint, parse_profile, user_to_proto};
 use super::trace::record_project;
-use crate::domain::query::encode_page_token;
+use super::{MAX_RESPONSE_BYTES, PAGE_BYTES, fit_page};
+use crate::domain::query::{encode_page_token, next_page_token};
 use crate::domain::{
-    DomainError, IdempotencyKey, ImportLog, NewUser, ProjectId, State, UserId, UserName, UserQuery,
-    UserRepository, Users, Violations,
+    Caller, DomainError, IdempotencyKey, ImportLog, NewUser, ProjectId, Scope, State, UserId,
+    UserName, UserQuery, UserRepository, Users, Violations,
 };
 use crate::proto::users::v1 as pb;
+
+/// What the server adds to a user it returns (name, times, state, etag),
+/// generously.
+const OUTPUT_BYTES_PER_USER: usize = 256;
 
 /// Most users one BatchCreateUsers call creates.
 pub const MAX_BATCH_CREATE: usize = 1000;
@@ -99,12 +105,17 @@ pub(super) fn check_request_id(s: &str) -> Result<(), String> {
 
 pub(super) async fn batch_create<R: UserRepository>(
     users: &Users<R>,
+    audit: &Audit,
     req: pb::BatchCreateUsersRequest,
 ) -> Result<pb::BatchCreateUsersResponse, Status> {
+    audit.caller().require_scope(Scope::Write)?;
+    audit.request_id(&req.request_id);
     let mut v = Violations::default();
     let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
     if let Some(p) = &project {
         record_project(p.as_str());
+        audit.about(p.as_str(), req.parent.clone());
+        audit.caller().require_project(p)?;
     }
     if req.requests.is_empty() || req.requests.len() > MAX_BATCH_CREATE {
         v.push(
@@ -121,6 +132,19 @@ pub(super) async fn batch_create<R: UserRepository>(
     }
     if !req.request_id.is_empty() {
         v.check(|| "request_id".into(), check_request_id(&req.request_id));
+    }
+    // The answer repeats every user with its output fields: it must fit in
+    // one response too.
+    let answer = prost::Message::encoded_len(&req) + req.requests.len() * OUTPUT_BYTES_PER_USER;
+    if answer > PAGE_BYTES {
+        return Err(DomainError::TooLarge {
+            field: "requests".into(),
+            description: format!(
+                "the created users would not fit in one {MAX_RESPONSE_BYTES}-byte response; \
+                 send fewer or smaller users per call"
+            ),
+        }
+        .into());
     }
     let mut news = Vec::with_capacity(req.requests.len());
     for (i, item) in req.requests.iter().enumerate() {
@@ -154,6 +178,7 @@ pub(super) async fn batch_create<R: UserRepository>(
         fingerprint: batch_fingerprint(&req),
     });
     let created = users.batch_create(&project, news, key).await?;
+    audit.about(project.as_str(), format!("{} users", created.len()));
     Ok(pb::BatchCreateUsersResponse {
         users: created.iter().map(user_to_proto).collect(),
     })
@@ -172,7 +197,7 @@ pub(super) fn export<R: UserRepository>(
     mut after: Option<crate::domain::Cursor>,
 ) -> ExportStream {
     let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(async move {
+    spawn_answering(&tx.clone(), async move {
         loop {
             let read = tokio::select! {
                 r = users.export_batch(&query, size, after.as_ref()) => r,
@@ -187,18 +212,54 @@ pub(super) fn export<R: UserRepository>(
             };
             let Some(cursor) = cursor else { return };
             let last = batch.len() < size as usize;
-            let message = pb::StreamUsersResponse {
-                users: batch.iter().map(user_to_proto).collect(),
-                resume_token: encode_page_token(&query, &cursor),
-            };
+            // A batch larger than one message allows goes out in several,
+            // each resumable after its own last user.
+            let mut rest = &batch[..];
+            while !rest.is_empty() {
+                let (users, taken) = fit_page(rest);
+                let resume_token = if taken == rest.len() {
+                    encode_page_token(&query, &cursor)
+                } else {
+                    next_page_token(&query, &rest[taken - 1])
+                };
+                rest = &rest[taken..];
+                let message = pb::StreamUsersResponse {
+                    users,
+                    resume_token,
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
             drop(batch);
-            if tx.send(Ok(message)).await.is_err() || last {
+            if last {
                 return;
             }
             after = Some(cursor);
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Spawns a task that answers a stream through `tx`. Should it panic, the
+/// client gets INTERNAL rather than a stream that simply ends, which would
+/// read as a complete export or import.
+fn spawn_answering<T: Send + 'static>(
+    tx: &mpsc::Sender<Result<T, Status>>,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let guard = tx.clone();
+    let handle = tokio::spawn(task);
+    tokio::spawn(async move {
+        if let Err(e) = handle.await
+            && e.is_panic()
+        {
+            tracing::error!("a streaming task panicked; answered INTERNAL");
+            let _ = guard
+                .send(Err(Status::from(DomainError::Internal("panic".into()))))
+                .await;
+        }
+    });
 }
 
 pub(super) fn stream_batch_size(n: i32) -> Result<u32, String> {
@@ -215,6 +276,7 @@ pub(super) type ImportStream = ReceiverStream<Result<pb::ImportUsersResponse, St
 /// parsing, with `last` the index of its last user.
 struct Chunk {
     project: ProjectId,
+    first: u64,
     last: u64,
     valid: Vec<(u64, NewUser)>,
     invalid: Vec<(u64, DomainError)>,
@@ -226,12 +288,16 @@ struct Chunk {
 /// at most one more waits in between.
 pub(super) fn import<R: UserRepository>(
     users: Arc<Users<R>>,
+    caller: Arc<Caller>,
     inbound: Streaming<pb::ImportUsersRequest>,
 ) -> ImportStream {
     let (acks, rx) = mpsc::channel(4);
     let (chunks, mut todo) = mpsc::channel::<Result<Chunk, Status>>(1);
-    tokio::spawn(read_import(inbound, chunks));
-    tokio::spawn(async move {
+    spawn_answering(
+        &chunks.clone(),
+        read_import(inbound, caller.clone(), chunks),
+    );
+    spawn_answering(&acks.clone(), async move {
         let mut log = ImportLog::default();
         let mut unanalyzed = 0;
         while let Some(next) = todo.recv().await {
@@ -242,9 +308,11 @@ pub(super) fn import<R: UserRepository>(
                     return;
                 }
             };
+            let (first, last) = (chunk.first, chunk.last);
             let outcome = users
                 .import_chunk(&chunk.project, chunk.valid, &mut log)
                 .await;
+
             let ack = outcome.map_err(Status::from).map(|o| {
                 let mut failures: Vec<(u64, DomainError)> = chunk.invalid;
                 failures.extend(o.failures);
@@ -261,6 +329,18 @@ pub(super) fn import<R: UserRepository>(
                         .collect(),
                 }
             });
+            audit::record(
+                &caller,
+                "ImportUsers",
+                chunk.project.as_str(),
+                &format!("projects/{}", chunk.project),
+                "",
+                ack.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok),
+                Some(&format!(
+                    "users {first}..={last}, created {}",
+                    ack.as_ref().map_or(0, |a| a.created_count)
+                )),
+            );
             let failed = ack.is_err();
             if let Ok(a) = &ack {
                 unanalyzed += a.created_count;
@@ -292,6 +372,7 @@ fn rpc_status(e: DomainError) -> tonic_types::pb::Status {
 
 async fn read_import(
     mut inbound: Streaming<pb::ImportUsersRequest>,
+    caller: Arc<Caller>,
     chunks: mpsc::Sender<Result<Chunk, Status>>,
 ) {
     let mut project: Option<ProjectId> = None;
@@ -324,10 +405,20 @@ async fn read_import(
                 }
                 return;
             }
-            // The client went away: nothing more can be acknowledged.
-            Err(_) => return,
+            // A message the server cannot take (too large, not protobuf):
+            // commit what came before it, then fail the call. If the client
+            // went away instead, nobody reads either.
+            Err(status) => {
+                if let Some(c) = pending.take() {
+                    let _ = chunks.send(Ok(c)).await;
+                }
+                let _ = chunks
+                    .send(Err(super::status::from_transport(status)))
+                    .await;
+                return;
+            }
         };
-        if let Err(status) = check_parent(&mut project, &m.parent) {
+        if let Err(status) = check_parent(&mut project, &m.parent, &caller) {
             if let Some(c) = pending.take() {
                 let _ = chunks.send(Ok(c)).await;
             }
@@ -340,6 +431,7 @@ async fn read_import(
             next_index += 1;
             let chunk = pending.get_or_insert_with(|| Chunk {
                 project: project.clone(),
+                first: index,
                 last: index,
                 valid: Vec::with_capacity(IMPORT_CHUNK),
                 invalid: Vec::new(),
@@ -370,9 +462,13 @@ fn futures_now<F: std::future::Future>(f: F) -> Option<F::Output> {
     }
 }
 
-/// The first message names the project; later ones repeat it or leave it
-/// empty.
-fn check_parent(project: &mut Option<ProjectId>, parent: &str) -> Result<(), Status> {
+/// The first message names the project (which the caller must be granted);
+/// later ones repeat it or leave it empty.
+fn check_parent(
+    project: &mut Option<ProjectId>,
+    parent: &str,
+    caller: &Caller,
+) -> Result<(), Status> {
     match project {
         None => {
             let p = ProjectId::parse_parent(parent).map_err(|r| {
@@ -384,6 +480,7 @@ fn check_parent(project: &mut Option<ProjectId>, parent: &str) -> Result<(), Sta
                 DomainError::invalid("parent", reason)
             })?;
             record_project(p.as_str());
+            caller.require_project(&p)?;
             *project = Some(p);
             Ok(())
         }

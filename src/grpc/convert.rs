@@ -11,7 +11,9 @@ use crate::domain::user::{
     MAX_ADDRESS_LINES, MAX_ADDRESSES, MAX_CUSTOM_DATA_BYTES, MAX_LABELS, MAX_LONG_TEXT,
     MAX_METADATA, MAX_METADATA_VALUE, MAX_SECONDARY, MAX_SHORT_TEXT,
 };
-use crate::domain::values::{check_label, check_metadata_key, check_text, parse_country_code};
+use crate::domain::values::{
+    check_label, check_metadata_key, check_text, clip, parse_country_code,
+};
 use crate::domain::{
     Address, AddressKind, Birthday, Email, ExternalId, Field, FieldPath, Locale, PhoneNumber,
     PictureUri, Profile, State, Timestamp, User, Username, Violations,
@@ -155,8 +157,8 @@ pub fn parse_profile(
     p
 }
 
-/// Parses a repeated field: each item validated, duplicates (by the key the
-/// parser returns) dropped keeping the first, at most `max` after that.
+/// Parses a repeated field of at most `max` entries: each item validated,
+/// duplicates (by the key the parser returns) dropped keeping the first.
 fn parse_list<T>(
     items: &[String],
     field: &str,
@@ -164,6 +166,15 @@ fn parse_list<T>(
     v: &mut Violations,
     parse: impl Fn(&str) -> Result<(String, T), String>,
 ) -> Vec<T> {
+    // Counted before anything is validated: the cost of a refusal does not
+    // grow with what was sent.
+    if items.len() > max {
+        v.push(
+            field,
+            format!("at most {max} entries are allowed (got {})", items.len()),
+        );
+        return Vec::new();
+    }
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for (i, s) in items.iter().enumerate() {
@@ -172,15 +183,6 @@ fn parse_list<T>(
         {
             out.push(item);
         }
-    }
-    if out.len() > max {
-        v.push(
-            field,
-            format!(
-                "at most {max} distinct entries are allowed (got {})",
-                out.len()
-            ),
-        );
     }
     out
 }
@@ -194,6 +196,7 @@ fn parse_addresses(items: &[pb::Address], field: &str, v: &mut Violations) -> Ve
                 items.len()
             ),
         );
+        return Vec::new();
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, a) in items.iter().enumerate() {
@@ -203,7 +206,8 @@ fn parse_addresses(items: &[pb::Address], field: &str, v: &mut Violations) -> Ve
                 .map(|_| s.to_owned())
                 .unwrap_or_default()
         };
-        if a.lines.len() > MAX_ADDRESS_LINES {
+        let too_many_lines = a.lines.len() > MAX_ADDRESS_LINES;
+        if too_many_lines {
             v.push(
                 at("lines"),
                 format!(
@@ -214,6 +218,8 @@ fn parse_addresses(items: &[pb::Address], field: &str, v: &mut Violations) -> Ve
         }
         let lines = a
             .lines
+            .get(..if too_many_lines { 0 } else { a.lines.len() })
+            .unwrap_or_default()
             .iter()
             .enumerate()
             .map(|(j, l)| {
@@ -269,10 +275,11 @@ fn parse_metadata(
             field,
             format!("at most {MAX_METADATA} keys are allowed (got {})", m.len()),
         );
+        return BTreeMap::new();
     }
     let mut out = BTreeMap::new();
     for (k, val) in m {
-        let at = || format!("{field}[{k:?}]");
+        let at = || format!("{field}[{:?}]", clip(k));
         let key_ok = v.check(at, check_metadata_key(k)).is_some();
         let val_ok = v
             .check(at, check_text(val, MAX_METADATA_VALUE, true))
@@ -480,13 +487,36 @@ pub fn populated_fields(u: &pb::User) -> Vec<FieldPath> {
         .collect()
 }
 
+/// Most paths one update mask may hold: every field plus every metadata key
+/// fits well below it.
+pub const MAX_MASK_PATHS: usize = 100;
+/// Longest path (`metadata.` and a 64-character key, quoted).
+const MAX_MASK_PATH_BYTES: usize = 80;
+
 /// Parses the paths of an update mask. `*` stands for every writable field.
 pub fn parse_mask(paths: &[String], v: &mut Violations) -> Vec<FieldPath> {
     use crate::domain::user::OUTPUT_ONLY_PATHS;
+    if paths.len() > MAX_MASK_PATHS {
+        v.push(
+            "update_mask.paths",
+            format!(
+                "at most {MAX_MASK_PATHS} paths are allowed (got {})",
+                paths.len()
+            ),
+        );
+        return Vec::new();
+    }
     let mut out: Vec<FieldPath> = Vec::new();
     for (i, raw) in paths.iter().enumerate() {
         let at = || format!("update_mask.paths[{i}]");
         let p = raw.trim();
+        if p.len() > MAX_MASK_PATH_BYTES {
+            v.push(
+                at(),
+                format!("a path is at most {MAX_MASK_PATH_BYTES} bytes long"),
+            );
+            continue;
+        }
         if p == "*" {
             if paths.len() > 1 {
                 v.push(at(), "`*` cannot be combined with other paths");
@@ -647,7 +677,10 @@ mod tests {
         let p = parse_profile(&u, "user", &|_| true, &mut v);
         assert_eq!(p.tags, vec!["a".to_string(), "b".to_string()]);
         assert_eq!(p.secondary_emails.len(), 1);
-        let Err(crate::domain::DomainError::InvalidArgument(list)) = v.into_result() else {
+        let Err(crate::domain::DomainError::InvalidArgument {
+            violations: list, ..
+        }) = v.into_result()
+        else {
             panic!("expected violations")
         };
         assert_eq!(list.len(), 1);

@@ -1,6 +1,7 @@
 //! The UserService implementation: decode, call the domain, encode. No SQL and
 //! no business rules here.
 
+pub mod audit;
 mod bulk;
 pub mod codec;
 pub mod convert;
@@ -11,14 +12,16 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::auth::layer::caller_of;
 use crate::domain::filter::{self as domain_filter, Filter};
 use crate::domain::query;
 use crate::domain::{
     DomainError, Email, ExternalId, Field, IdempotencyKey, Identity, OrderBy, PhoneNumber,
-    ProjectId, QueryProblem, State, UserName, UserQuery, UserRepository, Username, Users,
+    ProjectId, QueryProblem, Scope, State, UserName, UserQuery, UserRepository, Username, Users,
     Violations,
 };
 use crate::proto::users::v1 as pb;
+use audit::Audit;
 use bulk::check_request_id;
 use convert::{fingerprint, parse_mask, parse_profile, populated_fields, user_to_proto};
 use pb::user_service_server::UserService;
@@ -42,6 +45,56 @@ fn reply(user: &crate::domain::User) -> Reply {
     Ok(Response::new(user_to_proto(user)))
 }
 
+/// Largest response message the server sends: what a default gRPC client
+/// accepts. Pages and stream messages are cut to fit within `PAGE_BYTES`.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes of users one page or stream message carries at most (the rest of
+/// the response is a token).
+pub const PAGE_BYTES: usize = MAX_RESPONSE_BYTES - 64 * 1024;
+
+/// Users as protos, cut so that their encoding stays within `PAGE_BYTES`
+/// (always at least one). The second value is how many were taken.
+pub(crate) fn fit_page(users: &[crate::domain::User]) -> (Vec<pb::User>, usize) {
+    use prost::Message;
+    let mut out = Vec::with_capacity(users.len());
+    let mut bytes = 0;
+    for u in users {
+        let p = user_to_proto(u);
+        // The user's field tag and length prefix.
+        let n = p.encoded_len() + 8;
+        if !out.is_empty() && bytes + n > PAGE_BYTES {
+            break;
+        }
+        bytes += n;
+        out.push(p);
+    }
+    let taken = out.len();
+    (out, taken)
+}
+
+/// What a request handler that panicked answers (the connection and the
+/// other calls on it live on).
+pub fn panic_response(_: Box<dyn std::any::Any + Send>) -> http::Response<tonic::body::Body> {
+    tracing::error!("a request handler panicked; answered INTERNAL");
+    Status::from(DomainError::Internal("panic".into())).into_http()
+}
+
+/// The caller of a call that needs `scope`, checked before anything else.
+fn authorize<T>(
+    request: &Request<T>,
+    scope: Scope,
+) -> Result<std::sync::Arc<crate::domain::Caller>, Status> {
+    let caller = caller_of(request)?;
+    caller.require_scope(scope)?;
+    Ok(caller)
+}
+
+/// The audit record of a write call (every outcome is recorded, refusals
+/// included).
+fn write_call<T>(request: &Request<T>, rpc: &'static str) -> Result<Audit, Status> {
+    Ok(Audit::new(caller_of(request)?, rpc))
+}
+
 fn parse_name(name: &str, field: &str) -> Result<UserName, Status> {
     let parsed = UserName::parse(name).map_err(|r| DomainError::invalid(field, r))?;
     record_project(parsed.project.as_str());
@@ -55,45 +108,59 @@ fn etag(e: &str) -> Option<&str> {
 #[tonic::async_trait]
 impl<R: UserRepository> UserService for UserServiceImpl<R> {
     async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Reply {
+        let audit = write_call(&request, "CreateUser")?;
         let req = request.into_inner();
-        let mut v = Violations::default();
-        let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
-        if let Some(p) = &project {
-            record_project(p.as_str());
+        let outcome = async {
+            audit.caller().require_scope(Scope::Write)?;
+            audit.request_id(&req.request_id);
+            let mut v = Violations::default();
+            let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
+            if let Some(p) = &project {
+                record_project(p.as_str());
+                audit.about(p.as_str(), req.parent.clone());
+                audit.caller().require_project(p)?;
+            }
+            if !req.request_id.is_empty() {
+                v.check(|| "request_id".into(), check_request_id(&req.request_id));
+            }
+            let new = bulk::parse_create(&req, "", project, &mut v);
+            v.into_result()?;
+            let Some(new) = new else {
+                return Err(DomainError::Internal("validated request incomplete".into()).into());
+            };
+            let key = (!req.request_id.is_empty()).then(|| IdempotencyKey {
+                request_id: req.request_id.clone(),
+                fingerprint: fingerprint(&req),
+            });
+            let user = self.users.create(new, key, req.validate_only).await?;
+            let mut out = user_to_proto(&user);
+            audit.about(user.project.as_str(), out.name.clone());
+            if req.validate_only {
+                // Nothing was stored: there is no version to quote back.
+                out.etag.clear();
+            }
+            Ok(Response::new(out))
         }
-        if !req.request_id.is_empty() {
-            v.check(|| "request_id".into(), check_request_id(&req.request_id));
-        }
-        let new = bulk::parse_create(&req, "", project, &mut v);
-        v.into_result()?;
-        let Some(new) = new else {
-            return Err(DomainError::Internal("validated request incomplete".into()).into());
-        };
-        let key = (!req.request_id.is_empty()).then(|| IdempotencyKey {
-            request_id: req.request_id.clone(),
-            fingerprint: fingerprint(&req),
-        });
-        let user = self.users.create(new, key, req.validate_only).await?;
-        let mut out = user_to_proto(&user);
-        if req.validate_only {
-            // Nothing was stored: there is no version to quote back.
-            out.etag.clear();
-        }
-        Ok(Response::new(out))
+        .await;
+        audit.finish(outcome)
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Reply {
+        let caller = authorize(&request, Scope::Read)?;
         let name = parse_name(&request.get_ref().name, "name")?;
+        caller.require_project(&name.project)?;
         reply(&self.users.get(&name).await?)
     }
 
     async fn lookup_user(&self, request: Request<pb::LookupUserRequest>) -> Reply {
         use pb::lookup_user_request::Identifier as Id;
+        let caller = authorize(&request, Scope::Read)?;
         let req = request.into_inner();
         let mut v = Violations::default();
         let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
         if let Some(p) = &project {
             record_project(p.as_str());
+            caller.require_project(p)?;
         }
         let identity = match &req.identifier {
             Some(Id::Email(s)) => v.check(|| "email".into(), Email::parse(s).map(Identity::Email)),
@@ -133,82 +200,105 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
     }
 
     async fn update_user(&self, request: Request<pb::UpdateUserRequest>) -> Reply {
+        let audit = write_call(&request, "UpdateUser")?;
         let req = request.into_inner();
-        let Some(user) = &req.user else {
-            return Err(DomainError::invalid("user", "is required").into());
-        };
-        let name = parse_name(&user.name, "user.name")?;
-        let mut v = Violations::default();
-        let paths = match &req.update_mask {
-            Some(mask) if !mask.paths.is_empty() => parse_mask(&mask.paths, &mut v),
-            _ => populated_fields(user),
-        };
-        let selected: Vec<Field> = paths.iter().map(|p| p.field()).collect();
-        let patch = parse_profile(user, "user", &|f| selected.contains(&f), &mut v);
-        v.into_result()?;
-        let updated = self
-            .users
-            .update(&name, etag(&user.etag), &patch, &paths)
-            .await?;
-        reply(&updated)
+        let outcome = async {
+            audit.caller().require_scope(Scope::Write)?;
+            let Some(user) = &req.user else {
+                return Err(DomainError::invalid("user", "is required").into());
+            };
+            let name = self.target(&audit, &user.name, "user.name", Scope::Write)?;
+            let mut v = Violations::default();
+            let paths = match &req.update_mask {
+                Some(mask) if !mask.paths.is_empty() => parse_mask(&mask.paths, &mut v),
+                _ => populated_fields(user),
+            };
+            let selected: Vec<Field> = paths.iter().map(|p| p.field()).collect();
+            let patch = parse_profile(user, "user", &|f| selected.contains(&f), &mut v);
+            v.into_result()?;
+            let updated = self
+                .users
+                .update(&name, etag(&user.etag), &patch, &paths)
+                .await?;
+            reply(&updated)
+        }
+        .await;
+        audit.finish(outcome)
     }
 
     async fn delete_user(&self, request: Request<pb::DeleteUserRequest>) -> Reply {
+        let audit = write_call(&request, "DeleteUser")?;
         let req = request.into_inner();
-        let name = parse_name(&req.name, "name")?;
-        let deleted = self
-            .users
-            .delete(&name, etag(&req.etag), req.allow_missing, req.force)
-            .await?;
-        match deleted {
-            Some(user) => reply(&user),
-            None => Ok(Response::new(pb::User {
-                name: name.to_string(),
-                ..Default::default()
-            })),
+        let outcome = async {
+            // Erasing for good is an admin's call.
+            let scope = if req.force {
+                Scope::Admin
+            } else {
+                Scope::Write
+            };
+            audit.caller().require_scope(scope)?;
+            let name = self.target(&audit, &req.name, "name", scope)?;
+            let deleted = self
+                .users
+                .delete(&name, etag(&req.etag), req.allow_missing, req.force)
+                .await?;
+            match deleted {
+                Some(user) => reply(&user),
+                None => Ok(Response::new(pb::User {
+                    name: name.to_string(),
+                    ..Default::default()
+                })),
+            }
         }
+        .await;
+        audit.finish(outcome)
     }
 
     async fn undelete_user(&self, request: Request<pb::UndeleteUserRequest>) -> Reply {
+        let audit = write_call(&request, "UndeleteUser")?;
         let req = request.into_inner();
-        let name = parse_name(&req.name, "name")?;
-        reply(&self.users.undelete(&name, etag(&req.etag)).await?)
+        let outcome = async {
+            audit.caller().require_scope(Scope::Write)?;
+            let name = self.target(&audit, &req.name, "name", Scope::Write)?;
+            reply(&self.users.undelete(&name, etag(&req.etag)).await?)
+        }
+        .await;
+        audit.finish(outcome)
     }
 
     async fn activate_user(&self, request: Request<pb::ActivateUserRequest>) -> Reply {
+        let audit = write_call(&request, "ActivateUser")?;
         let req = request.into_inner();
-        let name = parse_name(&req.name, "name")?;
-        reply(
-            &self
-                .users
-                .set_state(&name, etag(&req.etag), State::Active)
-                .await?,
-        )
+        let outcome = self
+            .change_state(&audit, &req.name, &req.etag, State::Active)
+            .await;
+        audit.finish(outcome)
     }
 
     async fn disable_user(&self, request: Request<pb::DisableUserRequest>) -> Reply {
+        let audit = write_call(&request, "DisableUser")?;
         let req = request.into_inner();
-        let name = parse_name(&req.name, "name")?;
-        reply(
-            &self
-                .users
-                .set_state(&name, etag(&req.etag), State::Disabled)
-                .await?,
-        )
+        let outcome = self
+            .change_state(&audit, &req.name, &req.etag, State::Disabled)
+            .await;
+        audit.finish(outcome)
     }
 
     async fn list_users(
         &self,
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let caller = authorize(&request, Scope::Read)?;
         let req = request.into_inner();
         let mut q = QueryRequest::new(&req.parent, &req.filter, &req.order_by, req.show_deleted);
+        q.authorize(&caller)?;
         let size = q.page_size(req.page_size);
         let query = q.finish(None)?;
         let page = self.users.list(&query, size, &req.page_token).await?;
+        let (users, next_page_token) = self.fit(&query, page);
         Ok(Response::new(pb::ListUsersResponse {
-            users: page.users.iter().map(user_to_proto).collect(),
-            next_page_token: page.next_page_token,
+            users,
+            next_page_token,
         }))
     }
 
@@ -216,8 +306,10 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         &self,
         request: Request<pb::SearchUsersRequest>,
     ) -> Result<Response<pb::SearchUsersResponse>, Status> {
+        let caller = authorize(&request, Scope::Read)?;
         let req = request.into_inner();
         let mut q = QueryRequest::new(&req.parent, &req.filter, &req.order_by, req.show_deleted);
+        q.authorize(&caller)?;
         let size = q.page_size(req.page_size);
         if req.order_by.trim().is_empty() {
             q.order = OrderBy::search_default();
@@ -226,9 +318,10 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
             q.v.check(|| "query".into(), query::parse_search(&req.query));
         let query = q.finish(search)?;
         let page = self.users.list(&query, size, &req.page_token).await?;
+        let (users, next_page_token) = self.fit(&query, page);
         Ok(Response::new(pb::SearchUsersResponse {
-            users: page.users.iter().map(user_to_proto).collect(),
-            next_page_token: page.next_page_token,
+            users,
+            next_page_token,
         }))
     }
 
@@ -236,8 +329,10 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         &self,
         request: Request<pb::CountUsersRequest>,
     ) -> Result<Response<pb::CountUsersResponse>, Status> {
+        let caller = authorize(&request, Scope::Read)?;
         let req = request.into_inner();
         let q = QueryRequest::new(&req.parent, &req.filter, "", req.show_deleted);
+        q.authorize(&caller)?;
         let query = q.finish(None)?;
         let total = self.users.count(&query).await?;
         Ok(Response::new(pb::CountUsersResponse {
@@ -249,11 +344,13 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         &self,
         request: Request<pb::BatchGetUsersRequest>,
     ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
+        let caller = authorize(&request, Scope::Read)?;
         let req = request.into_inner();
         let mut v = Violations::default();
         let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
         if let Some(p) = &project {
             record_project(p.as_str());
+            caller.require_project(p)?;
         }
         if req.names.len() > MAX_BATCH_GET {
             v.push(
@@ -271,6 +368,14 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         let mut ids = Vec::with_capacity(req.names.len());
         for (i, name) in req.names.iter().enumerate() {
             match UserName::parse(name) {
+                // One name in a project the caller may not read refuses the
+                // whole call, before anything is looked up.
+                Ok(n) if !caller.may_access(&n.project) => {
+                    return Err(caller
+                        .require_project(&n.project)
+                        .err()
+                        .map_or_else(|| Status::internal("internal error"), Status::from));
+                }
                 Ok(n) if project.as_ref().is_some_and(|p| *p != n.project) => v.push(
                     format!("names[{i}]"),
                     "must be a user of `parent` (AIP-231: one project per call)",
@@ -284,9 +389,19 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
             return Err(DomainError::Internal("validated request incomplete".into()).into());
         };
         let users = self.users.batch_get(&project, &ids).await?;
-        Ok(Response::new(pb::BatchGetUsersResponse {
-            users: users.iter().map(user_to_proto).collect(),
-        }))
+        let (users, taken) = fit_page(&users);
+        if taken < ids.len() {
+            return Err(DomainError::TooLarge {
+                field: "names".into(),
+                description: format!(
+                    "the {} users asked for exceed the {MAX_RESPONSE_BYTES}-byte response \
+                     limit; the first {taken} fit: ask for fewer names per call",
+                    ids.len()
+                ),
+            }
+            .into());
+        }
+        Ok(Response::new(pb::BatchGetUsersResponse { users }))
     }
 
     type StreamUsersStream = bulk::ExportStream;
@@ -295,8 +410,10 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         &self,
         request: Request<pb::StreamUsersRequest>,
     ) -> Result<Response<Self::StreamUsersStream>, Status> {
+        let caller = authorize(&request, Scope::Read)?;
         let req = request.into_inner();
         let mut q = QueryRequest::new(&req.parent, &req.filter, &req.order_by, req.show_deleted);
+        q.authorize(&caller)?;
         let size =
             q.v.check(
                 || "batch_size".into(),
@@ -319,9 +436,11 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         &self,
         request: Request<pb::BatchCreateUsersRequest>,
     ) -> Result<Response<pb::BatchCreateUsersResponse>, Status> {
-        Ok(Response::new(
-            bulk::batch_create(&self.users, request.into_inner()).await?,
-        ))
+        let audit = write_call(&request, "BatchCreateUsers")?;
+        let outcome = bulk::batch_create(&self.users, &audit, request.into_inner())
+            .await
+            .map(Response::new);
+        audit.finish(outcome)
     }
 
     type ImportUsersStream = bulk::ImportStream;
@@ -330,10 +449,49 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         &self,
         request: Request<tonic::Streaming<pb::ImportUsersRequest>>,
     ) -> Result<Response<Self::ImportUsersStream>, Status> {
+        let caller = authorize(&request, Scope::Admin)?;
         Ok(Response::new(bulk::import(
             self.users.clone(),
+            caller,
             request.into_inner(),
         )))
+    }
+}
+
+impl<R: UserRepository> UserServiceImpl<R> {
+    /// The user a write names, once the caller may write there with `scope`.
+    fn target(
+        &self,
+        audit: &Audit,
+        name: &str,
+        field: &str,
+        scope: Scope,
+    ) -> Result<UserName, Status> {
+        let name = parse_name(name, field)?;
+        audit.about(name.project.as_str(), name.to_string());
+        audit.caller().require(&name.project, scope)?;
+        Ok(name)
+    }
+
+    async fn change_state(&self, audit: &Audit, name: &str, tag: &str, to: State) -> Reply {
+        audit.caller().require_scope(Scope::Write)?;
+        let name = self.target(audit, name, "name", Scope::Write)?;
+        reply(&self.users.set_state(&name, etag(tag), to).await?)
+    }
+
+    /// A page cut to the response budget; when users were left out, the
+    /// token resumes right after the last one sent.
+    fn fit(&self, query: &UserQuery, page: crate::domain::Page) -> (Vec<pb::User>, String) {
+        let (users, taken) = fit_page(&page.users);
+        if taken == page.users.len() {
+            return (users, page.next_page_token);
+        }
+        let token = page
+            .users
+            .get(taken.wrapping_sub(1))
+            .map(|last| query::next_page_token(query, last))
+            .unwrap_or_default();
+        (users, token)
     }
 }
 
@@ -392,6 +550,15 @@ impl<'a> QueryRequest<'a> {
             filter,
             order,
             show_deleted,
+        }
+    }
+
+    /// Refuses a caller that may not read the parent project (before the
+    /// filter or a token is looked at any further).
+    fn authorize(&self, caller: &crate::domain::Caller) -> Result<(), Status> {
+        match &self.project {
+            Some(p) => Ok(caller.require_project(p)?),
+            None => Ok(()),
         }
     }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::domain::{DomainError, Identifier, QueryProblem};
+use crate::domain::{Denied, DomainError, Identifier, QueryProblem};
 
 pub const DOMAIN: &str = "user-service";
 const USER_TYPE: &str = "users.v1.User";
@@ -17,6 +17,21 @@ fn info(reason: &str, metadata: &[(&str, String)]) -> ErrorDetails {
         .map(|(k, v)| ((*k).to_owned(), v.clone()))
         .collect();
     ErrorDetails::with_error_info(reason, DOMAIN, md)
+}
+
+/// Longest field path or description an error carries: whatever a
+/// validator quoted, the error stays small.
+const MAX_DETAIL_BYTES: usize = 1024;
+
+fn bounded(s: &str) -> String {
+    if s.len() <= MAX_DETAIL_BYTES {
+        return s.to_owned();
+    }
+    let mut end = MAX_DETAIL_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 fn status(code: Code, message: impl Into<String>, details: ErrorDetails) -> Status {
@@ -36,19 +51,28 @@ pub fn conflict_reason(id: Identifier) -> &'static str {
 impl From<DomainError> for Status {
     fn from(e: DomainError) -> Self {
         match e {
-            DomainError::InvalidArgument(violations) => {
-                let mut d = info("INVALID_ARGUMENT", &[]);
-                for v in &violations {
-                    d.add_bad_request_violation(v.field.clone(), v.description.clone());
+            DomainError::InvalidArgument {
+                violations,
+                omitted,
+            } => {
+                let mut md = Vec::new();
+                if omitted > 0 {
+                    md.push(("violations", (violations.len() + omitted).to_string()));
                 }
-                let message = match violations.as_slice() {
-                    [] => "invalid request".to_owned(),
-                    [one] => format!("{}: {}", one.field, one.description),
-                    [first, rest @ ..] => format!(
-                        "{}: {} (and {} more violations)",
-                        first.field,
-                        first.description,
-                        rest.len()
+                let mut d = info("INVALID_ARGUMENT", &md);
+                for v in &violations {
+                    d.add_bad_request_violation(bounded(&v.field), bounded(&v.description));
+                }
+                let more = violations.len().saturating_sub(1) + omitted;
+                let message = match violations.first() {
+                    None => "invalid request".to_owned(),
+                    Some(first) if more == 0 => {
+                        format!("{}: {}", bounded(&first.field), bounded(&first.description))
+                    }
+                    Some(first) => format!(
+                        "{}: {} (and {more} more violations)",
+                        bounded(&first.field),
+                        bounded(&first.description)
                     ),
                 };
                 status(Code::InvalidArgument, message, d)
@@ -63,6 +87,7 @@ impl From<DomainError> for Status {
                     QueryProblem::OrderBy => "INVALID_ORDER_BY",
                     QueryProblem::PageToken => "INVALID_PAGE_TOKEN",
                 };
+                let description = bounded(&description);
                 let mut d = info(reason, &[("field", field.to_owned())]);
                 d.add_bad_request_violation(field, description.clone());
                 status(Code::InvalidArgument, format!("{field}: {description}"), d)
@@ -178,6 +203,25 @@ impl From<DomainError> for Status {
                     d,
                 )
             }
+            DomainError::PermissionDenied(Denied::ProjectNotGranted(project)) => status(
+                Code::PermissionDenied,
+                format!("the token does not grant project {project}"),
+                info("PROJECT_NOT_GRANTED", &[("project", project.to_string())]),
+            ),
+            DomainError::PermissionDenied(Denied::ScopeMissing(scope)) => status(
+                Code::PermissionDenied,
+                format!("the token lacks the scope {scope}"),
+                info("SCOPE_MISSING", &[("scope", scope.to_string())]),
+            ),
+            DomainError::TooLarge { field, description } => {
+                let mut d = info("TOO_LARGE", &[("field", field.clone())]);
+                d.add_quota_failure_violation(field.clone(), description.clone());
+                status(
+                    Code::ResourceExhausted,
+                    format!("{field}: {description}"),
+                    d,
+                )
+            }
             DomainError::Unavailable(_) => {
                 let mut d = info("DATABASE_UNAVAILABLE", &[]);
                 d.set_retry_info(Some(std::time::Duration::from_secs(1)));
@@ -194,4 +238,71 @@ impl From<DomainError> for Status {
             }
         }
     }
+}
+
+impl From<crate::auth::AuthError> for Status {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError;
+        let message = e.to_string();
+        match e {
+            AuthError::Missing => {
+                status(Code::Unauthenticated, message, info("TOKEN_MISSING", &[]))
+            }
+            AuthError::Expired => {
+                status(Code::Unauthenticated, message, info("TOKEN_EXPIRED", &[]))
+            }
+            AuthError::Invalid(_) => {
+                status(Code::Unauthenticated, message, info("TOKEN_INVALID", &[]))
+            }
+            AuthError::KeysUnavailable => {
+                let mut d = info("SIGNING_KEYS_UNAVAILABLE", &[]);
+                d.set_retry_info(Some(std::time::Duration::from_secs(5)));
+                status(Code::Unavailable, message, d)
+            }
+        }
+    }
+}
+
+/// A status tonic made itself while reading a request (a message over the
+/// size limit, a broken frame), restated the way this service reports
+/// errors: the right code and an ErrorInfo. None for any other status.
+pub fn decode_error(s: &Status) -> Option<Status> {
+    if !s.details().is_empty() {
+        return None;
+    }
+    let m = s.message();
+    if m.starts_with("Error, decoded message length too large")
+        || m.starts_with("Error decompressing: size limit")
+    {
+        let mut d = info("REQUEST_TOO_LARGE", &[]);
+        d.add_quota_failure_violation("request", m.to_owned());
+        return Some(status(Code::ResourceExhausted, m.to_owned(), d));
+    }
+    if m.starts_with("protocol error: received message with invalid compression flag")
+        || m.starts_with("Error decompressing")
+        || m.starts_with("Message compressed, compression not supported")
+    {
+        return Some(status(
+            Code::InvalidArgument,
+            m.to_owned(),
+            info("MALFORMED_REQUEST", &[]),
+        ));
+    }
+    None
+}
+
+/// An error a request stream ended with, as the client should see it.
+pub fn from_transport(s: Status) -> Status {
+    if let Some(restated) = decode_error(&s) {
+        return restated;
+    }
+    if !s.details().is_empty() {
+        return s;
+    }
+    let reason = match s.code() {
+        Code::Cancelled => "CANCELLED",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        _ => "STREAM_FAILED",
+    };
+    status(s.code(), s.message().to_owned(), info(reason, &[]))
 }

@@ -43,9 +43,9 @@ where
         // Probes and reflection are frequent and boring: debug level.
         let quiet = method.starts_with("/grpc.");
         let span = if quiet {
-            tracing::debug_span!("rpc", method = %method, project = Empty, code = Empty, latency_ms = Empty)
+            tracing::debug_span!("rpc", method = %method, caller = Empty, project = Empty, code = Empty, latency_ms = Empty)
         } else {
-            tracing::info_span!("rpc", method = %method, project = Empty, code = Empty, latency_ms = Empty)
+            tracing::info_span!("rpc", method = %method, caller = Empty, project = Empty, code = Empty, latency_ms = Empty)
         };
         let inner = {
             let _entered = span.enter();
@@ -79,7 +79,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _entered = this.span.enter();
-        let out = std::task::ready!(this.inner.poll(cx));
+        let mut out = std::task::ready!(this.inner.poll(cx));
+        if let Ok(resp) = &mut out {
+            restate_decode_error(resp.headers_mut());
+        }
         let latency_ms = this.start.elapsed().as_secs_f64() * 1000.0;
         // A failed unary call is a trailers-only response: the code is in the
         // headers. Success codes travel in the trailers, after the body.
@@ -102,6 +105,23 @@ where
             tracing::event!(Level::INFO, code, latency_ms, "rpc finished");
         }
         Poll::Ready(out)
+    }
+}
+
+/// A call refused by tonic before its handler ran (a request over the size
+/// limit, a bad frame) answers with tonic's bare status; restate it with
+/// the code and details this service uses.
+fn restate_decode_error(headers: &mut http::HeaderMap) {
+    if !headers.contains_key("grpc-status") || headers.contains_key("grpc-status-details-bin") {
+        return;
+    }
+    let Some(status) = tonic::Status::from_header_map(headers) else {
+        return;
+    };
+    if let Some(restated) = super::status::decode_error(&status) {
+        headers.remove("grpc-status");
+        headers.remove("grpc-message");
+        let _ = restated.add_header(headers);
     }
 }
 

@@ -61,10 +61,13 @@ impl Server {
         Server { child, addr }
     }
 
-    async fn client(&self) -> UserServiceClient<tonic::transport::Channel> {
-        UserServiceClient::connect(format!("http://{}", self.addr))
+    async fn client(&self) -> Client {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
             .await
-            .expect("connect")
+            .expect("connect");
+        UserServiceClient::with_interceptor(channel, Bearer::default())
     }
 
     fn kill(&mut self) {
@@ -107,7 +110,7 @@ fn messages(from: usize) -> Vec<pb::ImportUsersRequest> {
 }
 
 /// The import index of every stored user, from an export.
-async fn stored(c: &mut UserServiceClient<tonic::transport::Channel>) -> Vec<usize> {
+async fn stored(c: &mut Client) -> Vec<usize> {
     let mut s = c
         .stream_users(pb::StreamUsersRequest {
             parent: PROJECT.into(),

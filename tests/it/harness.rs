@@ -6,6 +6,7 @@ use std::time::Duration;
 use sea_orm::{ConnectionTrait, Database};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -14,6 +15,77 @@ use user_service::proto::users::v1 as pb;
 use user_service::proto::users::v1::user_service_client::UserServiceClient;
 
 pub use pb::User;
+
+/// Adds `authorization: Bearer <token>` to every call (nothing without one).
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Self {
+        Bearer(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The client every test uses: the generated stub on a channel, with the
+/// server's default token when it requires one.
+pub type Client = UserServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A shared HS256 secret in a file of its own, and tokens signed with it.
+pub struct AuthKeys {
+    _dir: tempfile::TempDir,
+    pub secret_file: std::path::PathBuf,
+}
+
+impl AuthKeys {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret_file = dir.path().join("jwt-secret");
+        let secret: String = (0..48).map(|_| fastrand::alphanumeric()).collect();
+        std::fs::write(&secret_file, format!("{secret}\n")).expect("write secret");
+        AuthKeys {
+            _dir: dir,
+            secret_file,
+        }
+    }
+
+    /// A token for `projects` ("*" for all) with space-separated `scope`,
+    /// valid for an hour, subject `test`.
+    pub fn token(&self, projects: &[&str], scope: &str) -> String {
+        self.token_as("test", projects, scope)
+    }
+
+    pub fn token_as(&self, subject: &str, projects: &[&str], scope: &str) -> String {
+        let projects: Vec<String> = projects.iter().map(|p| (*p).to_owned()).collect();
+        user_service::auth::mint::mint(&user_service::auth::mint::TokenRequest {
+            secret_file: &self.secret_file,
+            projects: &projects,
+            scope,
+            ttl: Duration::from_secs(3600),
+            subject,
+            issuer: None,
+            audience: None,
+        })
+        .expect("mint token")
+    }
+}
+
+impl Default for AuthKeys {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Every scope, spelled as a token's `scope` claim.
+pub const ALL_SCOPES: &str = "users.read users.write users.admin";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
@@ -127,6 +199,8 @@ impl Drop for TestDb {
 
 pub struct TestServer {
     pub channel: Channel,
+    /// The token `client()` sends (None: the server runs without auth).
+    pub token: Option<String>,
     pub addr: std::net::SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -163,6 +237,7 @@ impl TestServer {
             .connect_lazy();
         let server = TestServer {
             channel,
+            token: None,
             addr,
             shutdown: Some(tx),
             task: Some(task),
@@ -189,16 +264,48 @@ impl TestServer {
         panic!("server did not become SERVING");
     }
 
-    pub fn client(&self) -> UserServiceClient<Channel> {
-        UserServiceClient::new(self.channel.clone())
+    /// A server that requires tokens signed with `keys`; `client()` sends
+    /// one granting every project and scope.
+    pub async fn start_authed(engine: Engine, keys: &AuthKeys) -> Self {
+        Self::start_authed_with(engine, keys, |_| {}).await
+    }
+
+    pub async fn start_authed_with(
+        engine: Engine,
+        keys: &AuthKeys,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Self {
+        let secret = keys.secret_file.clone();
+        let mut s = Self::start_with(engine, move |s| {
+            s.auth_jwt_secret_file = Some(secret);
+            tweak(s);
+        })
+        .await;
+        s.token = Some(keys.token_as("admin", &["*"], ALL_SCOPES));
+        s
+    }
+
+    pub fn client(&self) -> Client {
+        UserServiceClient::with_interceptor(
+            self.channel.clone(),
+            Bearer::new(self.token.as_deref()),
+        )
+    }
+
+    /// A client that sends `token` (or nothing).
+    pub fn client_with(&self, token: Option<&str>) -> Client {
+        UserServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
     }
 
     /// A client on a connection of its own (HTTP/2 flow control is shared by
     /// the calls of one connection).
-    pub async fn own_client(&self) -> UserServiceClient<Channel> {
-        UserServiceClient::connect(format!("http://{}", self.addr))
+    pub async fn own_client(&self) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
             .await
-            .expect("connect")
+            .expect("connect");
+        UserServiceClient::with_interceptor(channel, Bearer::new(self.token.as_deref()))
     }
 
     /// Stops the server and waits for it to finish.
@@ -238,11 +345,11 @@ pub fn user(email: &str) -> User {
     }
 }
 
-pub async fn create(c: &mut UserServiceClient<Channel>, u: User) -> User {
+pub async fn create(c: &mut Client, u: User) -> User {
     create_in(c, PROJECT, u).await
 }
 
-pub async fn create_in(c: &mut UserServiceClient<Channel>, parent: &str, u: User) -> User {
+pub async fn create_in(c: &mut Client, parent: &str, u: User) -> User {
     c.create_user(pb::CreateUserRequest {
         parent: parent.to_owned(),
         user: Some(u),
@@ -253,7 +360,7 @@ pub async fn create_in(c: &mut UserServiceClient<Channel>, parent: &str, u: User
     .into_inner()
 }
 
-pub async fn get(c: &mut UserServiceClient<Channel>, name: &str) -> Result<User, Status> {
+pub async fn get(c: &mut Client, name: &str) -> Result<User, Status> {
     c.get_user(pb::GetUserRequest {
         name: name.to_owned(),
     })
@@ -300,7 +407,7 @@ pub fn nanos(t: &Option<prost_types::Timestamp>) -> i128 {
 }
 
 /// CountUsers of `PROJECT` with `filter`, deleted users included.
-pub async fn count_all(c: &mut UserServiceClient<Channel>, filter: &str) -> i64 {
+pub async fn count_all(c: &mut Client, filter: &str) -> i64 {
     c.count_users(pb::CountUsersRequest {
         parent: PROJECT.into(),
         filter: filter.into(),

@@ -1,9 +1,7 @@
 use std::time::Duration;
 
 use tonic::Code;
-use tonic::transport::Channel;
 use user_service::proto::users::v1 as pb;
-use user_service::proto::users::v1::user_service_client::UserServiceClient;
 
 use crate::both_engines;
 use crate::harness::*;
@@ -11,7 +9,7 @@ use crate::harness::*;
 const DAY_SECS: i64 = 24 * 3600;
 
 async fn delete(
-    c: &mut UserServiceClient<Channel>,
+    c: &mut Client,
     name: &str,
     etag: &str,
     allow_missing: bool,
@@ -27,11 +25,7 @@ async fn delete(
     .map(|r| r.into_inner())
 }
 
-async fn undelete(
-    c: &mut UserServiceClient<Channel>,
-    name: &str,
-    etag: &str,
-) -> Result<User, tonic::Status> {
+async fn undelete(c: &mut Client, name: &str, etag: &str) -> Result<User, tonic::Status> {
     c.undelete_user(pb::UndeleteUserRequest {
         name: name.into(),
         etag: etag.into(),

@@ -3,15 +3,13 @@
 use std::collections::HashSet;
 
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_types::StatusExt;
 use user_service::proto::users::v1 as pb;
-use user_service::proto::users::v1::user_service_client::UserServiceClient;
 
 use crate::both_engines;
 use crate::harness::*;
 
-pub type Client = UserServiceClient<Channel>;
+pub use crate::harness::Client;
 
 pub fn list_req(filter: &str, order_by: &str) -> pb::ListUsersRequest {
     pb::ListUsersRequest {

@@ -38,10 +38,7 @@ async fn get_unknown_or_malformed_names(e: Engine) {
     assert_error(get(&mut c, &other).await, Code::NotFound, "USER_NOT_FOUND");
 }
 
-async fn lookup(
-    c: &mut pb::user_service_client::UserServiceClient<tonic::transport::Channel>,
-    id: Id,
-) -> Result<pb::User, tonic::Status> {
+async fn lookup(c: &mut crate::harness::Client, id: Id) -> Result<pb::User, tonic::Status> {
     c.lookup_user(pb::LookupUserRequest {
         parent: PROJECT.into(),
         identifier: Some(id),

@@ -2,18 +2,12 @@ use std::collections::BTreeMap;
 
 use prost_types::FieldMask;
 use tonic::Code;
-use tonic::transport::Channel;
 use user_service::proto::users::v1 as pb;
-use user_service::proto::users::v1::user_service_client::UserServiceClient;
 
 use crate::both_engines;
 use crate::harness::*;
 
-async fn update(
-    c: &mut UserServiceClient<Channel>,
-    u: User,
-    paths: &[&str],
-) -> Result<User, tonic::Status> {
+async fn update(c: &mut Client, u: User, paths: &[&str]) -> Result<User, tonic::Status> {
     c.update_user(pb::UpdateUserRequest {
         user: Some(u),
         update_mask: (!paths.is_empty()).then(|| FieldMask {

@@ -1,0 +1,95 @@
+//! The audit trail: every write call emits exactly one event on the tracing
+//! target `audit`, with the caller's `sub`, the project, the RPC, the
+//! resource name, the request_id and the outcome (a gRPC code name). Refused
+//! writes are recorded too. No personal data: names are ids, never emails.
+//!
+//! `RUST_LOG=warn,audit=info` keeps only the trail; with
+//! `--log-format json` each event is one JSON object.
+
+use std::sync::{Arc, Mutex};
+
+use tonic::Status;
+
+use crate::domain::Caller;
+
+/// One write in progress; the handler names what it touches as it learns it.
+pub struct Audit {
+    caller: Arc<Caller>,
+    rpc: &'static str,
+    target: Mutex<Target>,
+}
+
+#[derive(Default)]
+struct Target {
+    project: String,
+    resource: String,
+    request_id: String,
+}
+
+impl Audit {
+    pub fn new(caller: Arc<Caller>, rpc: &'static str) -> Self {
+        Self {
+            caller,
+            rpc,
+            target: Mutex::new(Target::default()),
+        }
+    }
+
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// The project and resource the call is about.
+    pub fn about(&self, project: &str, resource: impl Into<String>) {
+        let mut t = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        t.project = project.to_owned();
+        t.resource = resource.into();
+    }
+
+    pub fn request_id(&self, id: &str) {
+        let mut t = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        id.clone_into(&mut t.request_id);
+    }
+
+    /// Emits the event for the call's outcome and hands the outcome back.
+    pub fn finish<T>(self, outcome: Result<T, Status>) -> Result<T, Status> {
+        let code = match &outcome {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        let t = self.target.into_inner().unwrap_or_else(|p| p.into_inner());
+        record(
+            &self.caller,
+            self.rpc,
+            &t.project,
+            &t.resource,
+            &t.request_id,
+            code,
+            None,
+        );
+        outcome
+    }
+}
+
+/// One audit event. `detail` carries counts for bulk writes.
+pub fn record(
+    caller: &Caller,
+    rpc: &str,
+    project: &str,
+    resource: &str,
+    request_id: &str,
+    outcome: tonic::Code,
+    detail: Option<&str>,
+) {
+    tracing::info!(
+        target: "audit",
+        caller = %caller.subject,
+        project,
+        rpc,
+        resource,
+        request_id,
+        outcome = ?outcome,
+        detail = detail.unwrap_or(""),
+        "write"
+    );
+}
