@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod auth;
 mod bulk;
 mod consistency;
 mod crash;
@@ -14,5 +15,6 @@ mod list;
 mod plans;
 mod read;
 mod server;
+mod tls;
 mod update;
 mod wire;

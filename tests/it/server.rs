@@ -350,3 +350,143 @@ async fn health_follows_the_database_and_rpcs_say_unavailable() {
     wait_health(&s, ServingStatus::Serving).await;
     assert_eq!(get(&mut c, &u.name).await.unwrap(), u);
 }
+
+/// Without authentication the binary serves loopback only (with a warning);
+/// any other address is refused with a one-line reason unless
+/// --insecure-no-auth is given.
+#[test]
+fn no_auth_serves_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/x.db?mode=rwc", dir.path().display());
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["--listen", &format!("0.0.0.0:{port}"), "--database-url", &url])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "served 0.0.0.0 without auth");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("refusing to serve on 0.0.0.0"), "{err}");
+    assert!(err.contains("--insecure-no-auth"), "{err}");
+
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["--listen", &format!("0.0.0.0:{port}"), "--database-url", &url])
+        .arg("--insecure-no-auth")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    while !healthcheck(&addr) {
+        assert!(start.elapsed() < Duration::from_secs(20), "never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let mut logs = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    assert!(logs.contains("--insecure-no-auth given"), "{logs}");
+}
+
+/// Every write leaves one audit event (target `audit`) with the caller's
+/// sub, project, RPC, resource, request_id and outcome, refused writes too,
+/// and no personal data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_leave_an_audit_trail() {
+    let keys = AuthKeys::new();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(BIN)
+        .current_dir(dir.path())
+        .env("USER_SERVICE_LISTEN", &addr)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn,audit=info")
+        .arg("--auth-jwt-secret-file")
+        .arg(&keys.secret_file)
+        .args(["--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !healthcheck(&addr) {
+        assert!(start.elapsed() < Duration::from_secs(20), "never healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = keys.token_as("billing-svc", &["auditco"], "users.read users.write");
+    let mut c = pb::user_service_client::UserServiceClient::with_interceptor(
+        channel,
+        Bearer::new(Some(&token)),
+    );
+    let created = c
+        .create_user(pb::CreateUserRequest {
+            parent: "projects/auditco".into(),
+            request_id: "req-7".into(),
+            user: Some(pb::User {
+                email: "secret.person@example.com".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.disable_user(pb::DisableUserRequest {
+        name: created.name.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let denied = c
+        .delete_user(pb::DeleteUserRequest {
+            name: "projects/other/users/x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    // Reads are not audited.
+    c.get_user(pb::GetUserRequest {
+        name: created.name.clone(),
+    })
+    .await
+    .unwrap();
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(!logs.contains("secret.person"), "personal data in logs:\n{logs}");
+    let events: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "audit")
+        .collect();
+    assert_eq!(events.len(), 3, "{logs}");
+    let f = |i: usize, k: &str| events[i]["fields"][k].as_str().unwrap_or("").to_owned();
+    assert_eq!(f(0, "rpc"), "CreateUser");
+    assert_eq!(f(0, "caller"), "billing-svc");
+    assert_eq!(f(0, "project"), "auditco");
+    assert_eq!(f(0, "resource"), created.name);
+    assert_eq!(f(0, "request_id"), "req-7");
+    assert_eq!(f(0, "outcome"), "Ok");
+    assert_eq!(f(1, "rpc"), "DisableUser");
+    assert_eq!(f(1, "resource"), created.name);
+    assert_eq!(f(2, "rpc"), "DeleteUser");
+    assert_eq!(f(2, "project"), "other");
+    assert_eq!(f(2, "outcome"), "PermissionDenied");
+}
