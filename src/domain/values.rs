@@ -258,6 +258,13 @@ impl PhoneNumber {
         if !s.trim_start().starts_with('+') {
             return Err("must start with + and the country code (E.164, e.g. +4712345678)".into());
         }
+        // The parser has a history of panics on odd input: a panic refuses
+        // the number instead of failing the whole call.
+        std::panic::catch_unwind(|| Self::parse_e164(s))
+            .unwrap_or_else(|_| Err("is not a valid phone number (it cannot be parsed)".into()))
+    }
+
+    fn parse_e164(s: &str) -> Result<Self, Reason> {
         let n = phonenumber::parse(None, s)
             .map_err(|e| format!("is not a valid phone number ({e})"))?;
         if !phonenumber::is_valid(&n) && !has_possible_length(&n) {

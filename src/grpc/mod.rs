@@ -599,3 +599,30 @@ impl<'a> QueryRequest<'a> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// The layer the server stacks in front of every service: a handler
+    /// that panics answers INTERNAL with details.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_internal() {
+        let svc = tower::ServiceBuilder::new()
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                panic_response,
+            ))
+            .service_fn(|_req: http::Request<()>| async move {
+                let phone = "+0";
+                if !phone.is_empty() {
+                    panic!("the parser fell over");
+                }
+                Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+            });
+        let resp = svc.oneshot(http::Request::new(())).await.unwrap();
+        let status = Status::from_header_map(resp.headers()).expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(!status.details().is_empty(), "with an ErrorInfo");
+    }
+}

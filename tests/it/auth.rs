@@ -205,7 +205,11 @@ async fn every_rpc_needs_a_valid_token(e: Engine) {
     let other = AuthKeys::new();
 
     let mut none = s.client_with(None);
-    assert_all(&every_rpc(&mut none, "acme").await, Code::Unauthenticated, "TOKEN_MISSING");
+    assert_all(
+        &every_rpc(&mut none, "acme").await,
+        Code::Unauthenticated,
+        "TOKEN_MISSING",
+    );
 
     let garbage = "not.a.jwt";
     let outcomes = every_rpc(&mut s.client_with(Some(garbage)), "acme").await;
@@ -216,7 +220,10 @@ async fn every_rpc_needs_a_valid_token(e: Engine) {
     assert_all(&outcomes, Code::Unauthenticated, "TOKEN_INVALID");
     for (_, r) in &outcomes {
         let s = r.as_ref().unwrap_err();
-        assert!(!s.message().contains(&foreign), "the token is echoed: {s:?}");
+        assert!(
+            !s.message().contains(&foreign),
+            "the token is echoed: {s:?}"
+        );
         assert!(!format!("{:?}", s.metadata()).contains(&foreign));
     }
 
@@ -234,7 +241,11 @@ async fn every_rpc_needs_a_valid_token(e: Engine) {
     });
     req.metadata_mut()
         .insert("authorization", "Basic YWRtaW46YWRtaW4=".parse().unwrap());
-    assert_error(basic.get_user(req).await, Code::Unauthenticated, "TOKEN_INVALID");
+    assert_error(
+        basic.get_user(req).await,
+        Code::Unauthenticated,
+        "TOKEN_INVALID",
+    );
 
     // Probes and reflection stay open.
     let health = HealthClient::new(s.channel.clone())
@@ -245,9 +256,9 @@ async fn every_rpc_needs_a_valid_token(e: Engine) {
         .expect("health without a token");
     assert_eq!(health.into_inner().status, 1);
     {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
         use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
         use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-        use tonic_reflection::pb::v1::ServerReflectionRequest;
         let mut r = ServerReflectionClient::new(s.channel.clone());
         let mut stream = r
             .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
@@ -293,9 +304,17 @@ async fn every_rpc_is_confined_to_granted_projects(e: Engine) {
 
     let acme_only = keys.token(&["acme", "initech"], ALL_SCOPES);
     let mut c = s.client_with(Some(&acme_only));
-    assert_all(&every_rpc(&mut c, "globex").await, Code::PermissionDenied, "PROJECT_NOT_GRANTED");
+    assert_all(
+        &every_rpc(&mut c, "globex").await,
+        Code::PermissionDenied,
+        "PROJECT_NOT_GRANTED",
+    );
     // A project that does not exist anywhere is refused the same way.
-    assert_all(&every_rpc(&mut c, "nowhere").await, Code::PermissionDenied, "PROJECT_NOT_GRANTED");
+    assert_all(
+        &every_rpc(&mut c, "nowhere").await,
+        Code::PermissionDenied,
+        "PROJECT_NOT_GRANTED",
+    );
     let denied = c
         .get_user(pb::GetUserRequest {
             name: victim.name.clone(),
@@ -358,7 +377,12 @@ async fn each_rpc_needs_its_scope(e: Engine) {
             "users.admin"
         }
     };
-    for scope in ["users.read", "users.write", "users.admin", "users.read users.write"] {
+    for scope in [
+        "users.read",
+        "users.write",
+        "users.admin",
+        "users.read users.write",
+    ] {
         let token = keys.token(&["acme"], scope);
         for (rpc, r) in every_rpc(&mut s.client_with(Some(&token)), "acme").await {
             let need = needs(rpc);
@@ -469,18 +493,42 @@ async fn issuer_audience_and_clock_are_checked() {
     try_token(&s, &with(json!({"exp": (now() + 60) as f64 + 0.5})))
         .await
         .expect("float exp");
-    refused(try_token(&s, &with(json!({"exp": now() - 60}))).await, "TOKEN_EXPIRED");
-    refused(try_token(&s, &with(json!({"exp": null}))).await, "TOKEN_INVALID");
-    refused(try_token(&s, &with(json!({"nbf": now() + 60}))).await, "TOKEN_INVALID");
-    refused(try_token(&s, &with(json!({"iss": null}))).await, "TOKEN_INVALID");
+    refused(
+        try_token(&s, &with(json!({"exp": now() - 60}))).await,
+        "TOKEN_EXPIRED",
+    );
+    refused(
+        try_token(&s, &with(json!({"exp": null}))).await,
+        "TOKEN_INVALID",
+    );
+    refused(
+        try_token(&s, &with(json!({"nbf": now() + 60}))).await,
+        "TOKEN_INVALID",
+    );
+    refused(
+        try_token(&s, &with(json!({"iss": null}))).await,
+        "TOKEN_INVALID",
+    );
     refused(
         try_token(&s, &with(json!({"iss": "https://evil.example.com"}))).await,
         "TOKEN_INVALID",
     );
-    refused(try_token(&s, &with(json!({"aud": null}))).await, "TOKEN_INVALID");
-    refused(try_token(&s, &with(json!({"aud": "billing"}))).await, "TOKEN_INVALID");
-    refused(try_token(&s, &with(json!({"sub": null}))).await, "TOKEN_INVALID");
-    refused(try_token(&s, &with(json!({"sub": ""}))).await, "TOKEN_INVALID");
+    refused(
+        try_token(&s, &with(json!({"aud": null}))).await,
+        "TOKEN_INVALID",
+    );
+    refused(
+        try_token(&s, &with(json!({"aud": "billing"}))).await,
+        "TOKEN_INVALID",
+    );
+    refused(
+        try_token(&s, &with(json!({"sub": null}))).await,
+        "TOKEN_INVALID",
+    );
+    refused(
+        try_token(&s, &with(json!({"sub": ""}))).await,
+        "TOKEN_INVALID",
+    );
     // The token helper's issuer/audience flags produce what the server wants.
     let minted = user_service::auth::mint::mint(&user_service::auth::mint::TokenRequest {
         secret_file: &keys.secret_file,
@@ -556,21 +604,38 @@ async fn jwks_file_verifies_rs256_and_es256_only_with_their_keys() {
     let path = jwks.clone();
     let s = TestServer::start_with(Engine::Sqlite, move |s| s.auth_jwks_file = Some(path)).await;
 
-    try_token(&s, &sign(Algorithm::RS256, &k.rsa, Some("rsa-1"), good_claims()))
-        .await
-        .expect("RS256");
-    try_token(&s, &sign(Algorithm::ES256, &k.ec, Some("ec-1"), good_claims()))
-        .await
-        .expect("ES256");
-    try_token(&s, &sign(Algorithm::PS256, &k.rsa, Some("rsa-1"), good_claims()))
-        .await
-        .expect_err("the JWK says RS256 only");
+    try_token(
+        &s,
+        &sign(Algorithm::RS256, &k.rsa, Some("rsa-1"), good_claims()),
+    )
+    .await
+    .expect("RS256");
+    try_token(
+        &s,
+        &sign(Algorithm::ES256, &k.ec, Some("ec-1"), good_claims()),
+    )
+    .await
+    .expect("ES256");
+    try_token(
+        &s,
+        &sign(Algorithm::PS256, &k.rsa, Some("rsa-1"), good_claims()),
+    )
+    .await
+    .expect_err("the JWK says RS256 only");
     refused(
-        try_token(&s, &sign(Algorithm::ES256, &k.rogue, Some("ec-1"), good_claims())).await,
+        try_token(
+            &s,
+            &sign(Algorithm::ES256, &k.rogue, Some("ec-1"), good_claims()),
+        )
+        .await,
         "TOKEN_INVALID",
     );
     refused(
-        try_token(&s, &sign(Algorithm::ES256, &k.ec, Some("unknown"), good_claims())).await,
+        try_token(
+            &s,
+            &sign(Algorithm::ES256, &k.ec, Some("unknown"), good_claims()),
+        )
+        .await,
         "TOKEN_INVALID",
     );
     // Two keys and no kid: ambiguous for RS256? No, only one RSA key.
@@ -606,13 +671,18 @@ struct JwksServer {
 impl JwksServer {
     async fn start(doc: Value) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().unwrap());
+        let url = format!(
+            "http://{}/.well-known/jwks.json",
+            listener.local_addr().unwrap()
+        );
         let doc = Arc::new(Mutex::new((200, doc.to_string())));
         let hits = Arc::new(Mutex::new(0));
         let (d, h) = (doc.clone(), hits.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else { return };
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
                 let (d, h) = (d.clone(), h.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
@@ -649,14 +719,18 @@ impl JwksServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_url_is_refetched_for_a_new_kid_within_a_cooldown() {
     let k = Keys::new();
-    let idp = JwksServer::start(json!({"keys": [Keys::jwk(&k.ec, Algorithm::ES256, "ec-1")]})).await;
+    let idp =
+        JwksServer::start(json!({"keys": [Keys::jwk(&k.ec, Algorithm::ES256, "ec-1")]})).await;
     let url = idp.url.clone();
     let s = TestServer::start_with(Engine::Sqlite, move |s| s.auth_jwks_url = Some(url)).await;
     assert_eq!(idp.hits(), 1, "fetched once at start");
     for _ in 0..3 {
-        try_token(&s, &sign(Algorithm::ES256, &k.ec, Some("ec-1"), good_claims()))
-            .await
-            .expect("ES256 from the URL");
+        try_token(
+            &s,
+            &sign(Algorithm::ES256, &k.ec, Some("ec-1"), good_claims()),
+        )
+        .await
+        .expect("ES256 from the URL");
     }
     assert_eq!(idp.hits(), 1, "known kids are served from the cache");
 
@@ -669,9 +743,12 @@ async fn jwks_url_is_refetched_for_a_new_kid_within_a_cooldown() {
             Keys::jwk(&k.rsa, Algorithm::RS256, "rsa-2"),
         ]}),
     );
-    try_token(&s, &sign(Algorithm::RS256, &k.rsa, Some("rsa-2"), good_claims()))
-        .await
-        .expect("rotated-in key");
+    try_token(
+        &s,
+        &sign(Algorithm::RS256, &k.rsa, Some("rsa-2"), good_claims()),
+    )
+    .await
+    .expect("rotated-in key");
     assert_eq!(idp.hits(), 2);
 
     // Made-up kids do not make the server hammer the issuer: within the
@@ -679,11 +756,19 @@ async fn jwks_url_is_refetched_for_a_new_kid_within_a_cooldown() {
     for i in 0..5 {
         let kid = format!("made-up-{i}");
         refused(
-            try_token(&s, &sign(Algorithm::ES256, &k.rogue, Some(&kid), good_claims())).await,
+            try_token(
+                &s,
+                &sign(Algorithm::ES256, &k.rogue, Some(&kid), good_claims()),
+            )
+            .await,
             "TOKEN_INVALID",
         );
     }
-    assert_eq!(idp.hits(), 2, "unknown kids within the cooldown fetch nothing");
+    assert_eq!(
+        idp.hits(),
+        2,
+        "unknown kids within the cooldown fetch nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -693,9 +778,12 @@ async fn jwks_url_down_at_start_answers_unavailable() {
     idp.set(503, json!({"error": "down"}));
     let url = idp.url.clone();
     let s = TestServer::start_with(Engine::Sqlite, move |s| s.auth_jwks_url = Some(url)).await;
-    let st = try_token(&s, &sign(Algorithm::ES256, &k.ec, Some("ec-1"), good_claims()))
-        .await
-        .unwrap_err();
+    let st = try_token(
+        &s,
+        &sign(Algorithm::ES256, &k.ec, Some("ec-1"), good_claims()),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(st.code(), Code::Unavailable, "{st:?}");
     assert_eq!(reason(&st), "SIGNING_KEYS_UNAVAILABLE");
 }
@@ -713,9 +801,15 @@ async fn token_helper_mints_what_the_server_accepts() {
         .args(["--subject", "ops"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    try_token(&s, &token).await.expect("minted token reads acme");
+    try_token(&s, &token)
+        .await
+        .expect("minted token reads acme");
     let mut c = s.client_with(Some(&token));
     assert_error(
         c.get_user(pb::GetUserRequest {

@@ -11,6 +11,7 @@ mod crash;
 mod create;
 mod filter_property;
 mod lifecycle;
+mod limits;
 mod list;
 mod plans;
 mod read;

@@ -360,7 +360,12 @@ fn no_auth_serves_loopback_only() {
     let url = format!("sqlite://{}/x.db?mode=rwc", dir.path().display());
     let port = free_port();
     let out = Command::new(BIN)
-        .args(["--listen", &format!("0.0.0.0:{port}"), "--database-url", &url])
+        .args([
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--database-url",
+            &url,
+        ])
         .env("RUST_LOG", "off")
         .output()
         .unwrap();
@@ -372,7 +377,12 @@ fn no_auth_serves_loopback_only() {
 
     let port = free_port();
     let mut child = Command::new(BIN)
-        .args(["--listen", &format!("0.0.0.0:{port}"), "--database-url", &url])
+        .args([
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--database-url",
+            &url,
+        ])
         .arg("--insecure-no-auth")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -391,7 +401,12 @@ fn no_auth_serves_loopback_only() {
     let _ = child.wait();
     let mut logs = String::new();
     use std::io::Read;
-    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
     assert!(logs.contains("--insecure-no-auth given"), "{logs}");
 }
 
@@ -470,7 +485,10 @@ async fn writes_leave_an_audit_trail() {
         .status();
     let out = child.wait_with_output().unwrap();
     let logs = String::from_utf8_lossy(&out.stderr);
-    assert!(!logs.contains("secret.person"), "personal data in logs:\n{logs}");
+    assert!(
+        !logs.contains("secret.person"),
+        "personal data in logs:\n{logs}"
+    );
     let events: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

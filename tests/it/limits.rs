@@ -1,0 +1,312 @@
+//! Hostile input is bounded at the edge: huge masks and lists, oversized
+//! messages, errors with thousands of violations, and responses that would
+//! not fit what a default gRPC client accepts (4 MiB).
+
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tonic::Code;
+use tonic_types::StatusExt;
+use user_service::proto::users::v1 as pb;
+
+use crate::both_engines;
+use crate::harness::*;
+
+/// What a status costs on the wire (message and details).
+fn status_bytes(s: &tonic::Status) -> usize {
+    s.message().len() + s.details().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_update_masks_and_lists_are_refused_quickly_and_briefly() {
+    let s = TestServer::start(Engine::Sqlite).await;
+    let mut c = s.client();
+    let u = create(&mut c, user("mask@example.com")).await;
+
+    // 1,300,000 "*" paths: a 3.9 MB request.
+    let paths = vec!["*".to_owned(); 1_300_000];
+    let started = Instant::now();
+    let st = c
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                name: u.name.clone(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert_eq!(bad_fields(&st), vec!["update_mask.paths"]);
+    assert!(status_bytes(&st) < 2048, "{} bytes", status_bytes(&st));
+
+    // Long garbage paths are not echoed back whole.
+    let paths: Vec<String> = (0..100)
+        .map(|i| format!("{i}{}", "x".repeat(30_000)))
+        .collect();
+    let st = c
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                name: u.name.clone(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(status_bytes(&st) < 64 * 1024, "{} bytes", status_bytes(&st));
+
+    // 200,000 tags and 100,000 secondary emails: counted before validated.
+    let started = Instant::now();
+    let st = c
+        .create_user(pb::CreateUserRequest {
+            parent: PROJECT.into(),
+            user: Some(pb::User {
+                email: "tags@example.com".into(),
+                tags: (0..200_000).map(|i| format!("bad tag {i}")).collect(),
+                secondary_emails: vec!["nope".into(); 100_000],
+                metadata: (0..10_000).map(|i| (format!("k{i}"), "v".into())).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        bad_fields(&st),
+        vec!["user.metadata", "user.secondary_emails", "user.tags"]
+    );
+    assert!(status_bytes(&st) < 2048, "{} bytes", status_bytes(&st));
+    assert_eq!(count_all(&mut c, "").await, 1, "nothing was stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_100_violations_are_listed() {
+    let s = TestServer::start(Engine::Sqlite).await;
+    let mut c = s.client();
+    let requests: Vec<pb::CreateUserRequest> = (0..1000)
+        .map(|i| pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: format!("bad-{i}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    let st = c
+        .batch_create_users(pb::BatchCreateUsersRequest {
+            parent: PROJECT.into(),
+            requests,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    let d = st.get_error_details();
+    let listed = d.bad_request().unwrap().field_violations.len();
+    assert_eq!(listed, 100);
+    assert_eq!(d.error_info().unwrap().metadata["violations"], "1000");
+    assert!(
+        st.message().contains("(and 999 more violations)"),
+        "{}",
+        st.message()
+    );
+    assert_eq!(
+        d.bad_request().unwrap().field_violations[0].field,
+        "requests[0].user.email"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_resource_exhausted() {
+    let s = TestServer::start_with(Engine::Sqlite, |s| s.max_request_bytes = 64 * 1024).await;
+    let mut c = s.client();
+    let big = |email: &str| pb::User {
+        email: email.into(),
+        bio: "b".repeat(100_000),
+        ..Default::default()
+    };
+    let st = c
+        .create_user(pb::CreateUserRequest {
+            parent: PROJECT.into(),
+            user: Some(big("big@example.com")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    assert_eq!(reason(&st), "REQUEST_TOO_LARGE");
+
+    // In an import, the messages before the oversized one are committed and
+    // acknowledged; then the call fails with the same status.
+    let msgs = vec![
+        pb::ImportUsersRequest {
+            parent: PROJECT.into(),
+            users: vec![user("first@example.com")],
+        },
+        pb::ImportUsersRequest {
+            parent: String::new(),
+            users: vec![big("second@example.com")],
+        },
+    ];
+    let mut acks = c
+        .import_users(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut created = 0;
+    let err = loop {
+        match acks.message().await {
+            Ok(Some(a)) => created += a.created_count,
+            Ok(None) => panic!("the import ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(created, 1);
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(reason(&err), "REQUEST_TOO_LARGE");
+    assert_eq!(count_all(&mut c, "").await, 1);
+}
+
+/// A user with about 15 KB of custom data.
+fn heavy(i: usize) -> pb::User {
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert(
+        "blob".to_owned(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(format!(
+                "{i:05}{}",
+                "z".repeat(15_000)
+            ))),
+        },
+    );
+    pb::User {
+        email: format!("heavy{i}@example.com"),
+        tags: vec!["heavy".into()],
+        custom_data: Some(prost_types::Struct { fields }),
+        ..Default::default()
+    }
+}
+
+async fn pages_and_stream_messages_fit_a_default_client(e: Engine) {
+    let s = TestServer::start(e).await;
+    let mut c = s.client();
+    const N: usize = 400;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(200) {
+        c.batch_create_users(pb::BatchCreateUsersRequest {
+            parent: PROJECT.into(),
+            requests: chunk
+                .iter()
+                .map(|i| pb::CreateUserRequest {
+                    user: Some(heavy(*i)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("batch create");
+    }
+
+    // 400 x 15 KB = 6 MB: one page of 1000 cannot hold them. The default
+    // client (4 MiB receive limit) reads every page.
+    let mut seen = std::collections::HashSet::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_users(pb::ListUsersRequest {
+                parent: PROJECT.into(),
+                page_size: 1000,
+                page_token: token.clone(),
+                filter: "tags:\"heavy\"".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("a page a default client accepts")
+            .into_inner();
+        assert!(page.encoded_len() <= 4 * 1024 * 1024);
+        pages += 1;
+        for u in page.users {
+            assert!(seen.insert(u.name), "a user came twice");
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), N);
+    assert!(pages >= 2, "{pages} pages");
+
+    let mut stream = c
+        .stream_users(pb::StreamUsersRequest {
+            parent: PROJECT.into(),
+            batch_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut exported = std::collections::HashSet::new();
+    let mut messages = 0;
+    let mut second_token = String::new();
+    while let Some(m) = stream
+        .message()
+        .await
+        .expect("a message a default client accepts")
+    {
+        assert!(m.encoded_len() <= 4 * 1024 * 1024);
+        messages += 1;
+        if messages == 1 {
+            second_token = m.resume_token.clone();
+        }
+        for u in m.users {
+            assert!(exported.insert(u.name), "exported twice");
+        }
+    }
+    assert_eq!(exported.len(), N);
+    assert!(messages >= 2);
+    // Resuming from the first message's token yields exactly the rest.
+    let mut rest = c
+        .stream_users(pb::StreamUsersRequest {
+            parent: PROJECT.into(),
+            batch_size: 1000,
+            resume_token: second_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut after = 0;
+    while let Some(m) = rest.message().await.unwrap() {
+        after += m.users.len();
+    }
+    assert!(after > 0 && after < N, "{after}");
+
+    // Asking for all of them at once cannot be answered in one message.
+    let names: Vec<String> = seen.into_iter().collect();
+    let st = c
+        .batch_get_users(pb::BatchGetUsersRequest {
+            parent: PROJECT.into(),
+            names,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&st), "TOO_LARGE");
+}
+
+both_engines!(pages_and_stream_messages_fit_a_default_client);
