@@ -33,7 +33,6 @@ async fn huge_update_masks_and_lists_are_refused_quickly_and_briefly() {
                 ..Default::default()
             }),
             update_mask: Some(prost_types::FieldMask { paths }),
-            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -57,7 +56,6 @@ async fn huge_update_masks_and_lists_are_refused_quickly_and_briefly() {
                 ..Default::default()
             }),
             update_mask: Some(prost_types::FieldMask { paths }),
-            ..Default::default()
         })
         .await
         .unwrap_err();
