@@ -1,9 +1,11 @@
 """Smoke test of the contract from another language.
 
 Generates Python stubs from proto/ with grpcio-tools, starts the built server
-on a free port with a fresh SQLite file, then creates, reads and looks up a
-user, checks an error's code and details, and lists the services through
-server reflection (grpcio-reflection speaks v1alpha).
+on a free port with a fresh SQLite file and an HS256 secret, mints tokens
+with PyJWT (not the service's own helper), then creates, reads and looks up a
+user, checks an error's code and details, that calls without a token or for
+another project are refused, and lists the services through server
+reflection (grpcio-reflection speaks v1alpha).
 
 usage: python .ci/smoke.py path/to/user-service
 """
@@ -18,6 +20,7 @@ import time
 import grpc
 from grpc_tools import protoc
 import grpc_tools
+import jwt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,13 +59,64 @@ def main():
 
     port = free_port()
     addr = f"127.0.0.1:{port}"
-    env = dict(os.environ, USER_SERVICE_LISTEN=addr, RUST_LOG="warn")
+    secret = os.urandom(32).hex()
+    secret_file = os.path.join(work, "jwt-secret")
+    with open(secret_file, "w") as f:
+        f.write(secret + "\n")
+    env = dict(os.environ, USER_SERVICE_LISTEN=addr, RUST_LOG="warn",
+               USER_SERVICE_AUTH_JWT_SECRET_FILE=secret_file)
     env.pop("DATABASE_URL", None)
     server = subprocess.Popen([binary], cwd=work, env=env)
+
+    def token(projects, scope, sub="python-smoke"):
+        now = int(time.time())
+        return jwt.encode({"sub": sub, "iat": now, "exp": now + 600,
+                           "projects": projects, "scope": scope}, secret, algorithm="HS256")
+
+    class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamStreamClientInterceptor):
+        def __init__(self, tok):
+            self.md = ("authorization", f"Bearer {tok}")
+
+        def _add(self, details):
+            md = list(details.metadata or []) + [self.md]
+            return details._replace(metadata=md)
+
+        def intercept_unary_unary(self, cont, details, req):
+            return cont(self._add(details), req)
+
+        def intercept_unary_stream(self, cont, details, req):
+            return cont(self._add(details), req)
+
+        def intercept_stream_stream(self, cont, details, reqs):
+            return cont(self._add(details), reqs)
+
     try:
-        channel = grpc.insecure_channel(addr)
-        grpc.channel_ready_future(channel).result(timeout=30)
+        raw = grpc.insecure_channel(addr)
+        grpc.channel_ready_future(raw).result(timeout=30)
+        channel = grpc.intercept_channel(
+            raw, Bearer(token(["smoke", "bulk"], "users.read users.write users.admin")))
         stub = user_service_pb2_grpc.UserServiceStub(channel)
+
+        try:
+            user_service_pb2_grpc.UserServiceStub(raw).GetUser(
+                user_service_pb2.GetUserRequest(name="projects/smoke/users/x"))
+            sys.exit("a call without a token was served")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+        try:
+            stub.GetUser(user_service_pb2.GetUserRequest(name="projects/other/users/x"))
+            sys.exit("a call for a project the token does not grant was served")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
+        reader = user_service_pb2_grpc.UserServiceStub(
+            grpc.intercept_channel(raw, Bearer(token("*", "users.read"))))
+        try:
+            reader.CreateUser(user_service_pb2.CreateUserRequest(
+                parent="projects/smoke", user=user_pb2.User(email="r@example.org")))
+            sys.exit("a read-only token created a user")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
         deadline = time.time() + 30
         while True:
             try:
@@ -121,7 +175,7 @@ def main():
         from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
             ProtoReflectionDescriptorDatabase,
         )
-        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        services = set(ProtoReflectionDescriptorDatabase(raw).get_services())
         for want in ("users.v1.UserService", "grpc.health.v1.Health"):
             assert want in services, services
         print("python smoke test: OK")

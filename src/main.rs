@@ -67,8 +67,8 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // One line, whatever the log format: the reason the process stopped.
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("user-service: {e}");
             ExitCode::FAILURE
         }
