@@ -278,7 +278,10 @@ pub fn decode_error(s: &Status) -> Option<Status> {
         d.add_quota_failure_violation("request", m.to_owned());
         return Some(status(Code::ResourceExhausted, m.to_owned(), d));
     }
-    if m.starts_with("protocol error: received message with invalid compression flag")
+    // gRPC's spec asks INTERNAL for a compressed flag without an encoding;
+    // here every malformed request is the client's mistake.
+    if m.starts_with("protocol error: received message with")
+        || m.starts_with("Unexpected EOF decoding stream")
         || m.starts_with("Error decompressing")
         || m.starts_with("Message compressed, compression not supported")
     {

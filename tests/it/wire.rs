@@ -28,4 +28,50 @@ async fn malformed_protobuf_is_invalid_argument(e: Engine) {
     }
 }
 
-both_engines!(malformed_protobuf_is_invalid_argument);
+/// Sends one raw gRPC request body and returns the status the server
+/// answered with (from the headers of a trailers-only answer, or the
+/// trailers).
+async fn raw_call(s: &TestServer, body: &'static [u8]) -> tonic::Status {
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+    let mut ch = s.channel.clone();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/users.v1.UserService/GetUser", s.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from_static(body),
+        )))
+        .unwrap();
+    let resp = ch.ready().await.unwrap().call(req).await.unwrap();
+    if let Some(st) = tonic::Status::from_header_map(resp.headers()) {
+        return st;
+    }
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    tonic::Status::from_header_map(&trailers).expect("a grpc-status")
+}
+
+/// Broken frames: a bad compression flag, and a length prefix of 1 GiB with
+/// nothing behind it (refused from the prefix alone, nothing allocated).
+async fn garbage_frames_are_client_errors(e: Engine) {
+    let s = TestServer::start(e).await;
+    let st = raw_call(&s, &[7, 0, 0, 0, 1, 0x0a]).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert_eq!(reason(&st), "MALFORMED_REQUEST");
+    let st = raw_call(&s, &[0, 0x40, 0, 0, 0]).await;
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    assert_eq!(reason(&st), "REQUEST_TOO_LARGE");
+    // Compressed without saying how; a message cut short.
+    for body in [&[1u8, 0, 0, 0, 3, 1, 2, 3][..], &[0, 0, 0, 0, 9, 0x0a, 1]] {
+        let st = raw_call(&s, body).await;
+        assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+        assert_eq!(reason(&st), "MALFORMED_REQUEST");
+    }
+}
+
+both_engines!(
+    malformed_protobuf_is_invalid_argument,
+    garbage_frames_are_client_errors
+);
