@@ -31,7 +31,7 @@ const CACHE_SECONDS: u64 = 300;
 const HMAC: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
 
 pub struct Verifier {
-    secret: Option<DecodingKey>,
+    secret: Option<Arc<PublicKey>>,
     file_keys: Option<KeyMap>,
     remote: Option<Arc<RemoteJwks>>,
     base: Validation,
@@ -82,7 +82,11 @@ impl Verifier {
                         bytes.len()
                     );
                 }
-                Some(DecodingKey::from_secret(&bytes).map_err(|e| format!("bad secret: {e}"))?)
+                Some(Arc::new(PublicKey {
+                    key: DecodingKey::from_secret(&bytes)
+                        .map_err(|e| format!("bad secret: {e}"))?,
+                    algorithms: HMAC.to_vec(),
+                }))
             }
             None => None,
         };
@@ -188,13 +192,10 @@ impl Verifier {
         alg: Algorithm,
     ) -> Result<Arc<PublicKey>, AuthError> {
         if HMAC.contains(&alg) {
-            return match &self.secret {
-                Some(k) => Ok(Arc::new(PublicKey {
-                    key: k.clone(),
-                    algorithms: HMAC.to_vec(),
-                })),
-                None => Err(AuthError::Invalid("HS* tokens are not accepted here")),
-            };
+            return self
+                .secret
+                .clone()
+                .ok_or(AuthError::Invalid("HS* tokens are not accepted here"));
         }
         if let Some(keys) = &self.file_keys
             && let Some(k) = jwks::pick(keys, kid, alg)
