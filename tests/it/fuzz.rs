@@ -82,7 +82,7 @@ mod filter_language {
     /// Random sequences of filter pieces: mostly near-misses of real filters.
     fn soup() -> impl Strategy<Value = String> {
         prop::collection::vec((select(PIECES), select(GAPS)), 0..48)
-            .prop_map(|parts| parts.into_iter().flat_map(|(p, g)| [p, g]).collect())
+            .prop_map(|parts| parts.into_iter().flat_map(|(p, g)| [p, g]).collect::<String>())
     }
 
     const INNER: &[&str] = &[
@@ -117,7 +117,7 @@ mod filter_language {
     /// Inputs around the length limit.
     fn long() -> impl Strategy<Value = String> {
         (select(REPEATS), 4000usize..4200)
-            .prop_map(|(unit, n)| unit.chars().cycle().take(n).collect())
+            .prop_map(|(unit, n)| unit.chars().cycle().take(n).collect::<String>())
     }
 
     fn any_input() -> impl Strategy<Value = String> {
@@ -224,6 +224,8 @@ mod filter_language {
     const LIST_FIELDS: &[&str] = &["tags", "roles", "secondary_emails", "secondary_phone_numbers"];
     const STATES: &[&str] = &["PENDING", "ACTIVE", "DISABLED", "DELETED"];
     const OFFSETS: &[i32] = &[0, 3600, -34200, 50400];
+    const EQUALITY_FIELDS: &[&str] = &["email_verified", "phone_number_verified", "state"];
+    const NAME_PROJECTS: &[&str] = &["acme", "other"];
 
     fn leaf(field: impl Into<String>, op: &'static str, value: String, tight: bool) -> Leaf {
         Leaf {
@@ -311,7 +313,7 @@ mod filter_language {
 
     fn bool_or_state_leaf() -> impl Strategy<Value = Leaf> {
         (
-            select(&["email_verified", "phone_number_verified", "state"][..]),
+            select(EQUALITY_FIELDS),
             select(EQUALITY),
             any::<bool>(),
             select(STATES),
@@ -374,7 +376,7 @@ mod filter_language {
     fn name_leaf() -> impl Strategy<Value = Leaf> {
         (
             select(EQUALITY),
-            select(&["acme", "other"][..]),
+            select(NAME_PROJECTS),
             "[a-z0-9][a-z0-9-]{0,10}",
             any::<bool>(),
             any::<bool>(),
@@ -423,7 +425,7 @@ mod filter_language {
                 format!("{}{gap}{}{gap}{}", l.field, l.op, l.value)
             }
             Node::And(children, juxtapose) => {
-                let sep = match (variant, juxtapose) {
+                let sep = match (variant, *juxtapose) {
                     (false, _) => " AND ",
                     (true, true) => " ",
                     (true, false) => "\nAND\t",
@@ -715,7 +717,7 @@ mod page_tokens {
             }
             Edit::Remove(i) if !body.is_empty() => {
                 let at = i.index(body.len());
-                body.remove(at);
+                let _removed = body.remove(at);
             }
             Edit::Truncate(i) => {
                 let at = i.index(body.len() + 1);
@@ -814,7 +816,7 @@ mod page_tokens {
         ) {
             let url = URL_SAFE_NO_PAD.encode(&bytes);
             prop_assert_eq!(decode_page_token(&q.q, &url), Err(TokenError::Malformed));
-            let standard = STANDARD.encode(&bytes);
+            let standard = STANDARD.encode(bytes);
             prop_assert_eq!(decode_page_token(&q.q, &standard), Err(TokenError::Malformed));
         }
 
@@ -831,8 +833,8 @@ mod page_tokens {
             let t = encode_page_token(&q.q, &c);
             let mut raw = URL_SAFE_NO_PAD.decode(&t).expect("own token");
             let i = at.index(raw.len());
-            raw[i] ^= 1 << bit;
-            let flipped = URL_SAFE_NO_PAD.encode(&raw);
+            raw[i] ^= 1u8 << bit;
+            let flipped = URL_SAFE_NO_PAD.encode(raw);
             prop_assert_eq!(decode_page_token(&q.q, &flipped), Err(TokenError::Malformed));
 
             let mut chars: Vec<char> = t.chars().collect();
@@ -1344,10 +1346,11 @@ mod user_validation {
         ]
     }
 
+    const COUNTRIES: &[&str] = &["NO", "no", "US", "us", "gb", "XX", "", "GBR", "N O", "ZZ"];
+
     fn country() -> impl Strategy<Value = String> {
         prop_oneof![
-            3 => select(&["NO", "no", "US", "us", "gb", "XX", "", "GBR", "N O", "ZZ"][..])
-                .prop_map(String::from),
+            3 => select(COUNTRIES).prop_map(String::from),
             1 => "[A-Za-z]{2}",
             1 => "\\PC{0,3}",
         ]

@@ -324,11 +324,11 @@ impl Filt {
             Filt::All | Filt::AnyProject | Filt::NotName(_) => true,
             // Names of another project match nothing here.
             Filt::ProjectPrefix(_) | Filt::Name(_) => false,
-            Filt::Tag(t) => tag(*t),
-            Filt::NotTag(t) => !tag(*t),
-            Filt::AnyTag(a, b) => tag(*a) || tag(*b),
+            Filt::Tag(t) => tag(t),
+            Filt::NotTag(t) => !tag(t),
+            Filt::AnyTag(a, b) => tag(a) || tag(b),
             Filt::Plan(p) => plan == Some(*p),
-            Filt::TagAndPlan(t, p) => tag(*t) && plan == Some(*p),
+            Filt::TagAndPlan(t, p) => tag(t) && plan == Some(*p),
             Filt::State(s) => u.state == *s as i32,
             Filt::Domain(d) => u.email.ends_with(&format!("@{d}")),
         }
