@@ -224,11 +224,18 @@ impl Email {
         if has_control(s, false) || s.chars().any(char::is_whitespace) {
             return Err("is not a valid email address (whitespace or control characters)".into());
         }
-        Ok(Self(format!(
-            "{}@{}",
-            parsed.local_part(),
-            parsed.domain().to_lowercase()
-        )))
+        let normalised = format!("{}@{}", parsed.local_part(), parsed.domain().to_lowercase());
+        // What is stored must parse as itself again: lower-casing can turn a
+        // valid domain into an invalid one (`İ` becomes `i` and a combining
+        // dot) or make the address longer.
+        if normalised.len() > Self::MAX_LEN
+            || email_address::EmailAddress::parse_with_options(&normalised, opts).is_err()
+        {
+            return Err(
+                "is not a valid email address (its domain is not valid once lower-cased)".into(),
+            );
+        }
+        Ok(Self(normalised))
     }
 
     pub fn from_stored(s: String) -> Self {
@@ -265,6 +272,17 @@ impl PhoneNumber {
     }
 
     fn parse_e164(s: &str) -> Result<Self, Reason> {
+        let e164 = Self::normalise(s)?;
+        // The stored form must read back as itself: the parser strips
+        // national prefixes, and for some inputs (`+810000000001`) a second
+        // pass would strip again or refuse what the first pass produced.
+        match Self::normalise(&e164) {
+            Ok(again) if again == e164 => Ok(Self(e164)),
+            _ => Err("is not a valid phone number (it has no stable E.164 form)".into()),
+        }
+    }
+
+    fn normalise(s: &str) -> Result<String, Reason> {
         let n = phonenumber::parse(None, s)
             .map_err(|e| format!("is not a valid phone number ({e})"))?;
         if !phonenumber::is_valid(&n) && !has_possible_length(&n) {
@@ -273,7 +291,7 @@ impl PhoneNumber {
         if n.extension().is_some() {
             return Err("must not carry an extension".into());
         }
-        Ok(Self(n.format().mode(phonenumber::Mode::E164).to_string()))
+        Ok(n.format().mode(phonenumber::Mode::E164).to_string())
     }
 
     pub fn from_stored(s: String) -> Self {

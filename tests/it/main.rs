@@ -10,6 +10,7 @@ mod consistency;
 mod crash;
 mod create;
 mod filter_property;
+mod fuzz;
 mod isolation;
 mod lifecycle;
 mod limits;
