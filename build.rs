@@ -28,6 +28,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.rpc", "::tonic_types::pb")
         // Malformed requests are INVALID_ARGUMENT, not INTERNAL.
         .codec_path("crate::grpc::codec::StrictProstCodec")
-        .compile_fds(fds)?;
+        // `prost::Name` on every message: the codec looks a request's schema
+        // up by its full name to bound what decoding it costs.
+        .compile_fds_with_config(fds, {
+            let mut config = tonic_prost_build::Config::new();
+            config.enable_type_names();
+            config
+        })?;
     Ok(())
 }

@@ -12,6 +12,9 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
+use tower::layer::util::{Identity as NoLayer, Stack};
+use tower_http::catch_panic::CatchPanicLayer;
+
 use crate::auth::AuthLayer;
 use crate::config::Settings;
 use crate::domain::{UserRepository, Users};
@@ -99,18 +102,7 @@ pub async fn serve(
         .timeout(settings.request_timeout)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .http2_max_header_list_size(HEADER_LIST_BYTES)
-        // Outermost first: the trace sees every outcome, a panic anywhere
-        // below answers INTERNAL, and only authenticated calls reach a
-        // service.
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(RpcTraceLayer)
-                .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-                    panic_response,
-                ))
-                .layer(AuthLayer::new(verifier))
-                .into_inner(),
-        )
+        .layer(layers(verifier))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -130,6 +122,22 @@ pub async fn serve(
     result?;
     info!("stopped");
     Ok(())
+}
+
+type PanicHandler = fn(Box<dyn std::any::Any + Send>) -> http::Response<tonic::body::Body>;
+
+/// The layers in front of every service.
+pub type Layers =
+    Stack<AuthLayer, Stack<CatchPanicLayer<PanicHandler>, Stack<RpcTraceLayer, NoLayer>>>;
+
+/// Outermost first: the trace sees every outcome, a panic anywhere below
+/// answers INTERNAL, and only authenticated calls reach a service.
+pub fn layers(verifier: Option<Arc<crate::auth::Verifier>>) -> Layers {
+    tower::ServiceBuilder::new()
+        .layer(RpcTraceLayer)
+        .layer(CatchPanicLayer::custom(panic_response as PanicHandler))
+        .layer(AuthLayer::new(verifier))
+        .into_inner()
 }
 
 /// Most bytes of request headers (a bearer token is at most 8 KiB).

@@ -31,7 +31,8 @@ pub struct PublicKey {
     pub algorithms: Vec<Algorithm>,
 }
 
-/// Keys by `kid` ("" for a key without one).
+/// Keys by `kid` (a key without one is stored under a name no token can
+/// carry).
 pub type KeyMap = HashMap<String, Arc<PublicKey>>;
 
 /// Parses a JWKS document. Keys this service cannot use (symmetric keys,
@@ -54,7 +55,13 @@ pub fn parse_jwks(bytes: &[u8]) -> Result<(KeyMap, Vec<String>), String> {
                 continue;
             }
         };
-        let kid = jwk.common.key_id.clone().unwrap_or_default();
+        // A key without a kid is found by its algorithm alone; it gets a
+        // name no token can ask for.
+        let kid = jwk
+            .common
+            .key_id
+            .clone()
+            .unwrap_or_else(|| format!("\0{i}"));
         match usable(&jwk) {
             Ok(k) => {
                 keys.insert(kid, Arc::new(k));
@@ -183,6 +190,10 @@ impl RemoteJwks {
         for s in &skipped {
             warn!(url = %self.url, "JWKS key skipped: {s}");
         }
+        if keys.is_empty() {
+            // A broken document does not take away keys that worked.
+            return Err("the JWKS holds no usable key; keeping the keys we have".into());
+        }
         info!(url = %self.url, keys = keys.len(), "JWKS loaded");
         let keys = Some(Arc::new(keys));
         match self.keys.write() {
@@ -225,7 +236,7 @@ impl RemoteJwks {
     /// The key for a token; an unknown kid refreshes the keys first, at most
     /// once per cooldown.
     pub async fn key(
-        &self,
+        self: &Arc<Self>,
         kid: Option<&str>,
         alg: Algorithm,
     ) -> Result<Arc<PublicKey>, AuthError> {
@@ -243,8 +254,15 @@ impl RemoteJwks {
         }
         if last.is_none_or(|t| t.elapsed() >= UNKNOWN_KID_COOLDOWN) {
             *last = Some(Instant::now());
-            if let Err(e) = self.refresh().await {
-                warn!(url = %self.url, error = %e, "JWKS refresh for an unknown key id failed");
+            // In a task of its own: a caller that gives up does not abort a
+            // refresh that the cooldown already counts.
+            let me = self.clone();
+            match tokio::spawn(async move { me.refresh().await }).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(url = %self.url, error = %e, "JWKS refresh for an unknown key id failed")
+                }
+                Err(e) => warn!(url = %self.url, error = %e, "JWKS refresh task failed"),
             }
         }
         drop(last);

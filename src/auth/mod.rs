@@ -52,6 +52,11 @@ impl AuthSettings {
     /// The verifier these settings describe, or None without a key source.
     pub async fn verifier(&self) -> Result<Option<Arc<Verifier>>, String> {
         if !self.enabled() {
+            if self.issuer.is_some() || self.audience.is_some() {
+                return Err("--auth-issuer and --auth-audience need a key source: \
+                            --auth-jwt-secret-file, --auth-jwks-file or --auth-jwks-url"
+                    .into());
+            }
             return Ok(None);
         }
         Verifier::new(self).await.map(|v| Some(Arc::new(v)))

@@ -1,7 +1,9 @@
 //! The audit trail: every write call emits exactly one event on the tracing
 //! target `audit`, with the caller's `sub`, the project, the RPC, the
-//! resource name, the request_id and the outcome (a gRPC code name). Refused
-//! writes are recorded too. No personal data: names are ids, never emails.
+//! resource name, the request_id and the outcome (the gRPC code name, e.g.
+//! `OK`, `PERMISSION_DENIED`; `CANCELLED` when the client went away before
+//! the answer). Refused writes are recorded too; ImportUsers records each
+//! committed chunk. No personal data: names are ids, never emails.
 //!
 //! `RUST_LOG=warn,audit=info` keeps only the trail; with
 //! `--log-format json` each event is one JSON object.
@@ -17,6 +19,9 @@ pub struct Audit {
     caller: Arc<Caller>,
     rpc: &'static str,
     target: Mutex<Target>,
+    /// Set once the event is out; an Audit dropped before (the client
+    /// cancelled, the handler panicked) records the write as CANCELLED.
+    done: bool,
 }
 
 #[derive(Default)]
@@ -32,6 +37,7 @@ impl Audit {
             caller,
             rpc,
             target: Mutex::new(Target::default()),
+            done: false,
         }
     }
 
@@ -52,12 +58,18 @@ impl Audit {
     }
 
     /// Emits the event for the call's outcome and hands the outcome back.
-    pub fn finish<T>(self, outcome: Result<T, Status>) -> Result<T, Status> {
+    pub fn finish<T>(mut self, outcome: Result<T, Status>) -> Result<T, Status> {
         let code = match &outcome {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
         };
-        let t = self.target.into_inner().unwrap_or_else(|p| p.into_inner());
+        self.emit(code);
+        outcome
+    }
+
+    fn emit(&mut self, code: tonic::Code) {
+        self.done = true;
+        let t = self.target.lock().unwrap_or_else(|p| p.into_inner());
         record(
             &self.caller,
             self.rpc,
@@ -67,7 +79,38 @@ impl Audit {
             code,
             None,
         );
-        outcome
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        if !self.done {
+            self.emit(tonic::Code::Cancelled);
+        }
+    }
+}
+
+/// The canonical name of a gRPC status code.
+pub fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -88,7 +131,7 @@ pub fn record(
         rpc,
         resource,
         request_id,
-        outcome = ?outcome,
+        outcome = code_name(outcome),
         detail = detail.unwrap_or(""),
         "write"
     );

@@ -109,7 +109,6 @@ pub(super) async fn batch_create<R: UserRepository>(
     req: pb::BatchCreateUsersRequest,
 ) -> Result<pb::BatchCreateUsersResponse, Status> {
     audit.caller().require_scope(Scope::Write)?;
-    audit.request_id(&req.request_id);
     let mut v = Violations::default();
     let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
     if let Some(p) = &project {
@@ -130,8 +129,11 @@ pub(super) async fn batch_create<R: UserRepository>(
             .err()
             .map_or_else(|| Status::internal("internal error"), Status::from));
     }
-    if !req.request_id.is_empty() {
-        v.check(|| "request_id".into(), check_request_id(&req.request_id));
+    if !req.request_id.is_empty()
+        && v.check(|| "request_id".into(), check_request_id(&req.request_id))
+            .is_some()
+    {
+        audit.request_id(&req.request_id);
     }
     // The answer repeats every user with its output fields: it must fit in
     // one response too.
@@ -349,7 +351,14 @@ pub(super) fn import<R: UserRepository>(
                 users.refresh_statistics().await;
                 unanalyzed = 0;
             }
-            if acks.send(ack).await.is_err() || failed {
+            let mut closed = false;
+            for part in split_ack(ack) {
+                if acks.send(part).await.is_err() {
+                    closed = true;
+                    break;
+                }
+            }
+            if closed || failed {
                 break;
             }
         }
@@ -358,6 +367,43 @@ pub(super) fn import<R: UserRepository>(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// An acknowledgement whose failures would make it larger than a response
+/// may be goes out as several: each settles the users up to its last failure
+/// (the chunk is committed), the last one carries the chunk's end and its
+/// created count.
+fn split_ack(
+    ack: Result<pb::ImportUsersResponse, Status>,
+) -> Vec<Result<pb::ImportUsersResponse, Status>> {
+    use prost::Message;
+    let ack = match ack {
+        Ok(a) if a.encoded_len() > PAGE_BYTES => a,
+        other => return vec![other],
+    };
+    let mut out = Vec::new();
+    let mut part = Vec::new();
+    let mut bytes = 0;
+    for f in ack.failures {
+        let n = f.encoded_len() + 8;
+        if !part.is_empty() && bytes + n > PAGE_BYTES {
+            let through = part.last().map_or(0, |p: &pb::ImportFailure| p.index);
+            out.push(Ok(pb::ImportUsersResponse {
+                committed_through: through,
+                created_count: 0,
+                failures: std::mem::take(&mut part),
+            }));
+            bytes = 0;
+        }
+        bytes += n;
+        part.push(f);
+    }
+    out.push(Ok(pb::ImportUsersResponse {
+        committed_through: ack.committed_through,
+        created_count: ack.created_count,
+        failures: part,
+    }));
+    out
 }
 
 /// A domain error as the google.rpc.Status a client would have received.
@@ -419,6 +465,17 @@ async fn read_import(
             }
         };
         if let Err(status) = check_parent(&mut project, &m.parent, &caller) {
+            audit::record(
+                &caller,
+                "ImportUsers",
+                ProjectId::parse_parent(&m.parent)
+                    .as_ref()
+                    .map_or("", |p| p.as_str()),
+                "",
+                "",
+                status.code(),
+                Some("refused: bad or ungranted parent"),
+            );
             if let Some(c) = pending.take() {
                 let _ = chunks.send(Ok(c)).await;
             }

@@ -1,11 +1,13 @@
 //! The protobuf codec of UserService. Like tonic-prost's, except that a
 //! request that is not a valid protobuf message (bad wire format, invalid
 //! UTF-8 in a string, nesting deeper than 100) is the client's mistake:
-//! INVALID_ARGUMENT with reason MALFORMED_REQUEST, not INTERNAL.
+//! INVALID_ARGUMENT with reason MALFORMED_REQUEST, not INTERNAL; and that a
+//! request whose decoding would take more memory than the budget is refused
+//! before it is decoded (RESOURCE_EXHAUSTED, REQUEST_TOO_LARGE).
 
 use std::marker::PhantomData;
 
-use prost::Message;
+use prost::{Message, Name};
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::{Code, Status};
 use tonic_prost::ProstEncoder;
@@ -27,7 +29,7 @@ impl<T, U> Default for StrictProstCodec<T, U> {
 impl<T, U> Codec for StrictProstCodec<T, U>
 where
     T: Message + Send + 'static,
-    U: Message + Default + Send + 'static,
+    U: Message + Name + Default + Send + 'static,
 {
     type Encode = T;
     type Decode = U;
@@ -48,11 +50,30 @@ pub struct StrictProstDecoder<U> {
     _pd: PhantomData<U>,
 }
 
-impl<U: Message + Default> Decoder for StrictProstDecoder<U> {
+impl<U: Message + Name + Default> Decoder for StrictProstDecoder<U> {
     type Item = U;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        let bytes = prost::bytes::Buf::chunk(buf);
+        if bytes.len() == prost::bytes::Buf::remaining(buf) {
+            let name = format!("{}.{}", U::PACKAGE, U::NAME);
+            if let Err(over) =
+                super::wire_budget::check(&name, bytes, super::wire_budget::DECODE_BUDGET)
+            {
+                let mut d = ErrorDetails::with_error_info(
+                    "REQUEST_TOO_LARGE",
+                    DOMAIN,
+                    std::collections::HashMap::new(),
+                );
+                let why = format!(
+                    "decoding this message would take more than {} MiB; send fewer items per message",
+                    over.budget / (1024 * 1024)
+                );
+                d.add_quota_failure_violation("request", why.clone());
+                return Err(Status::with_error_details(Code::ResourceExhausted, why, d));
+            }
+        }
         U::decode(buf).map(Some).map_err(|e| {
             Status::with_error_details(
                 Code::InvalidArgument,

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod convert;
 pub mod status;
 pub mod trace;
+pub mod wire_budget;
 
 use std::sync::Arc;
 
@@ -112,7 +113,6 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         let req = request.into_inner();
         let outcome = async {
             audit.caller().require_scope(Scope::Write)?;
-            audit.request_id(&req.request_id);
             let mut v = Violations::default();
             let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
             if let Some(p) = &project {
@@ -120,8 +120,11 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
                 audit.about(p.as_str(), req.parent.clone());
                 audit.caller().require_project(p)?;
             }
-            if !req.request_id.is_empty() {
-                v.check(|| "request_id".into(), check_request_id(&req.request_id));
+            if !req.request_id.is_empty()
+                && v.check(|| "request_id".into(), check_request_id(&req.request_id))
+                    .is_some()
+            {
+                audit.request_id(&req.request_id);
             }
             let new = bulk::parse_create(&req, "", project, &mut v);
             v.into_result()?;
@@ -388,19 +391,46 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         let Some(project) = project else {
             return Err(DomainError::Internal("validated request incomplete".into()).into());
         };
-        let users = self.users.batch_get(&project, &ids).await?;
-        let (users, taken) = fit_page(&users);
-        if taken < ids.len() {
+        // A name asked twice is answered twice, but read, converted and
+        // measured once: the size check comes before any copy is made.
+        let mut distinct = Vec::new();
+        let mut slot = std::collections::HashMap::new();
+        let order: Vec<usize> = ids
+            .iter()
+            .map(|id| {
+                *slot.entry(id).or_insert_with(|| {
+                    distinct.push(id.clone());
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        let found = self.users.batch_get(&project, &distinct).await?;
+        let protos: Vec<pb::User> = found.iter().map(user_to_proto).collect();
+        drop(found);
+        let sizes: Vec<usize> = protos
+            .iter()
+            .map(|p| prost::Message::encoded_len(p) + 8)
+            .collect();
+        let mut total = 0;
+        let fit = order
+            .iter()
+            .take_while(|&&i| {
+                total += sizes[i];
+                total <= PAGE_BYTES
+            })
+            .count();
+        if fit < order.len() {
             return Err(DomainError::TooLarge {
                 field: "names".into(),
                 description: format!(
                     "the {} users asked for exceed the {MAX_RESPONSE_BYTES}-byte response \
-                     limit; the first {taken} fit: ask for fewer names per call",
+                     limit; the first {fit} fit: ask for fewer names per call",
                     ids.len()
                 ),
             }
             .into());
         }
+        let users = order.iter().map(|&i| protos[i].clone()).collect();
         Ok(Response::new(pb::BatchGetUsersResponse { users }))
     }
 
@@ -449,7 +479,12 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         &self,
         request: Request<tonic::Streaming<pb::ImportUsersRequest>>,
     ) -> Result<Response<Self::ImportUsersStream>, Status> {
-        let caller = authorize(&request, Scope::Admin)?;
+        let caller = caller_of(&request)?;
+        if let Err(e) = caller.require_scope(Scope::Admin) {
+            let status = Status::from(e);
+            audit::record(&caller, "ImportUsers", "", "", "", status.code(), None);
+            return Err(status);
+        }
         Ok(Response::new(bulk::import(
             self.users.clone(),
             caller,
@@ -605,22 +640,25 @@ mod tests {
     use super::*;
     use tower::ServiceExt;
 
-    /// The layer the server stacks in front of every service: a handler
-    /// that panics answers INTERNAL with details.
+    /// The layers the server stacks in front of every service: a handler
+    /// that panics answers INTERNAL with details, and the connection lives.
     #[tokio::test]
     async fn a_panicking_handler_answers_internal() {
-        let svc = tower::ServiceBuilder::new()
-            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-                panic_response,
-            ))
-            .service_fn(|_req: http::Request<()>| async move {
+        use tower::Layer;
+        let svc = crate::app::layers(None).layer(tower::service_fn(
+            |_req: http::Request<()>| async move {
                 let phone = "+0";
                 if !phone.is_empty() {
                     panic!("the parser fell over");
                 }
                 Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
-            });
-        let resp = svc.oneshot(http::Request::new(())).await.unwrap();
+            },
+        ));
+        let req = http::Request::builder()
+            .uri("/users.v1.UserService/GetUser")
+            .body(())
+            .unwrap();
+        let resp = svc.oneshot(req).await.unwrap();
         let status = Status::from_header_map(resp.headers()).expect("a gRPC status");
         assert_eq!(status.code(), tonic::Code::Internal);
         assert!(!status.details().is_empty(), "with an ErrorInfo");

@@ -21,7 +21,11 @@ fn info(reason: &str, metadata: &[(&str, String)]) -> ErrorDetails {
 
 /// Longest field path or description an error carries: whatever a
 /// validator quoted, the error stays small.
-const MAX_DETAIL_BYTES: usize = 1024;
+const MAX_DETAIL_BYTES: usize = 200;
+/// Bytes of field violations one BadRequest lists at most: with the message
+/// and the rest, the trailer stays well under the 8 KiB that gRPC clients
+/// accept by default.
+const MAX_VIOLATION_BYTES: usize = 3000;
 
 fn bounded(s: &str) -> String {
     if s.len() <= MAX_DETAIL_BYTES {
@@ -55,25 +59,35 @@ impl From<DomainError> for Status {
                 violations,
                 omitted,
             } => {
+                // Listed while they fit the trailer budget; the rest are
+                // counted (clients refuse trailers over 8 KiB).
+                let mut listed = Vec::new();
+                let mut bytes = 0;
+                for v in &violations {
+                    let (field, description) = (bounded(&v.field), bounded(&v.description));
+                    let n = field.len() + description.len() + 8;
+                    if !listed.is_empty() && bytes + n > MAX_VIOLATION_BYTES {
+                        break;
+                    }
+                    bytes += n;
+                    listed.push((field, description));
+                }
+                let total = violations.len() + omitted;
                 let mut md = Vec::new();
-                if omitted > 0 {
-                    md.push(("violations", (violations.len() + omitted).to_string()));
+                if total > listed.len() {
+                    md.push(("violations", total.to_string()));
                 }
                 let mut d = info("INVALID_ARGUMENT", &md);
-                for v in &violations {
-                    d.add_bad_request_violation(bounded(&v.field), bounded(&v.description));
+                for (field, description) in &listed {
+                    d.add_bad_request_violation(field.clone(), description.clone());
                 }
-                let more = violations.len().saturating_sub(1) + omitted;
-                let message = match violations.first() {
+                let more = total.saturating_sub(1);
+                let message = match listed.first() {
                     None => "invalid request".to_owned(),
-                    Some(first) if more == 0 => {
-                        format!("{}: {}", bounded(&first.field), bounded(&first.description))
+                    Some((field, description)) if more == 0 => format!("{field}: {description}"),
+                    Some((field, description)) => {
+                        format!("{field}: {description} (and {more} more violations)")
                     }
-                    Some(first) => format!(
-                        "{}: {} (and {more} more violations)",
-                        bounded(&first.field),
-                        bounded(&first.description)
-                    ),
                 };
                 status(Code::InvalidArgument, message, d)
             }

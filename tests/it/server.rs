@@ -10,7 +10,7 @@ use user_service::proto::users::v1 as pb;
 use crate::both_engines;
 use crate::harness::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_user-service");
+pub const BIN: &str = env!("CARGO_BIN_EXE_user-service");
 
 async fn health(s: &TestServer, service: &str) -> i32 {
     HealthClient::new(s.channel.clone())
@@ -124,7 +124,7 @@ both_engines!(
     data_survives_a_restart,
 );
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -132,7 +132,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn healthcheck(addr: &str) -> bool {
+pub fn healthcheck(addr: &str) -> bool {
     Command::new(BIN)
         .args(["healthcheck", "--addr", addr, "--timeout", "2s"])
         .stdout(Stdio::null())
@@ -479,6 +479,44 @@ async fn writes_leave_an_audit_trail() {
     })
     .await
     .unwrap();
+    c.batch_create_users(pb::BatchCreateUsersRequest {
+        parent: "projects/auditco".into(),
+        request_id: "batch-1".into(),
+        requests: vec![pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "another.person@example.com".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+    })
+    .await
+    .unwrap();
+    // Import needs users.admin: refused, and recorded.
+    let import = || {
+        tokio_stream::iter(vec![pb::ImportUsersRequest {
+            parent: "projects/auditco".into(),
+            users: vec![pb::User {
+                email: "third.person@example.com".into(),
+                ..Default::default()
+            }],
+        }])
+    };
+    let refused = c.import_users(import()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    // With it, each committed chunk is recorded.
+    let admin = keys.token_as("importer", &["auditco"], "users.admin");
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut a = pb::user_service_client::UserServiceClient::with_interceptor(
+        channel,
+        Bearer::new(Some(&admin)),
+    );
+    let mut acks = a.import_users(import()).await.unwrap().into_inner();
+    while acks.message().await.unwrap().is_some() {}
 
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -494,17 +532,28 @@ async fn writes_leave_an_audit_trail() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|l| l["target"] == "audit")
         .collect();
-    assert_eq!(events.len(), 3, "{logs}");
+    assert_eq!(events.len(), 6, "{logs}");
     let f = |i: usize, k: &str| events[i]["fields"][k].as_str().unwrap_or("").to_owned();
     assert_eq!(f(0, "rpc"), "CreateUser");
     assert_eq!(f(0, "caller"), "billing-svc");
     assert_eq!(f(0, "project"), "auditco");
     assert_eq!(f(0, "resource"), created.name);
     assert_eq!(f(0, "request_id"), "req-7");
-    assert_eq!(f(0, "outcome"), "Ok");
+    assert_eq!(f(0, "outcome"), "OK");
     assert_eq!(f(1, "rpc"), "DisableUser");
     assert_eq!(f(1, "resource"), created.name);
     assert_eq!(f(2, "rpc"), "DeleteUser");
     assert_eq!(f(2, "project"), "other");
-    assert_eq!(f(2, "outcome"), "PermissionDenied");
+    assert_eq!(f(2, "outcome"), "PERMISSION_DENIED");
+    assert_eq!(f(3, "rpc"), "BatchCreateUsers");
+    assert_eq!(f(3, "request_id"), "batch-1");
+    assert_eq!(f(3, "outcome"), "OK");
+    assert_eq!(f(4, "rpc"), "ImportUsers");
+    assert_eq!(f(4, "caller"), "billing-svc");
+    assert_eq!(f(4, "outcome"), "PERMISSION_DENIED");
+    assert_eq!(f(5, "rpc"), "ImportUsers");
+    assert_eq!(f(5, "caller"), "importer");
+    assert_eq!(f(5, "project"), "auditco");
+    assert_eq!(f(5, "outcome"), "OK");
+    assert!(f(5, "detail").contains("created 1"), "{}", f(5, "detail"));
 }

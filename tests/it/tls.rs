@@ -136,6 +136,12 @@ async fn mutual_tls_requires_a_client_certificate_of_the_ca() {
         assert!(!serving(ch).await, "plaintext was served");
     }
 
+    // The refusals were the handshake's, not a dead server's.
+    let again = channel(port, &ca.pem, Some(&client))
+        .await
+        .expect("reconnect");
+    assert!(serving(again).await, "the good client is still served");
+
     let _ = stop.send(());
     task.await.unwrap().expect("server stopped cleanly");
 }
