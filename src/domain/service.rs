@@ -56,6 +56,52 @@ impl NewUser {
 /// Users per StreamUsers message unless the caller asks otherwise.
 pub const DEFAULT_STREAM_BATCH: u32 = 500;
 
+/// About how many bytes of users one page or export batch holds in memory
+/// at most (beyond one slice); a page of large users is cut short instead.
+const READ_BUDGET: usize = 8 * 1024 * 1024;
+/// The first read of a page: few enough that even the largest users stay
+/// within the budget; the rest follows in one read when they are small.
+const FIRST_SLICE: u64 = 32;
+
+/// Reads up to `want` users after `after` with `read`, in slices sized so
+/// that about `READ_BUDGET` bytes of users are held at most. Returns the
+/// users and whether the query ran out (fewer than asked were there).
+async fn read_bounded<F, Fut>(
+    query: &UserQuery,
+    after: Option<Cursor>,
+    want: u64,
+    mut read: F,
+) -> Result<(Vec<User>, bool), DomainError>
+where
+    F: FnMut(Option<Cursor>, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<User>, DomainError>>,
+{
+    let mut out: Vec<User> = Vec::new();
+    let mut bytes = 0usize;
+    let mut cursor = after;
+    let mut slice = want.min(FIRST_SLICE);
+    loop {
+        let got = read(cursor.take(), slice).await?;
+        let n = got.len() as u64;
+        bytes += got.iter().map(|u| u.profile.approx_bytes()).sum::<usize>();
+        out.extend(got);
+        let remaining = want.saturating_sub(out.len() as u64);
+        if n < slice {
+            return Ok((out, true));
+        }
+        if remaining == 0 || bytes >= READ_BUDGET {
+            return Ok((out, false));
+        }
+        let Some(last) = out.last() else {
+            return Ok((out, true));
+        };
+        cursor = Some(query.order.cursor_of(last, query.search.as_deref()));
+        let per_user = bytes / out.len() + 1;
+        let room = ((READ_BUDGET - bytes) / per_user).max(1) as u64;
+        slice = remaining.min(room);
+    }
+}
+
 /// The outcome of one attempt of a conditional write.
 enum Change {
     Keep,
@@ -340,20 +386,25 @@ impl<R: UserRepository> Users<R> {
         }
     }
 
-    /// The next batch of an export after `after`, and the token that resumes
-    /// right after its last user. An empty batch ends the export.
+    /// The next batch of an export after `after`, the cursor right after its
+    /// last user, and whether the export is complete with it. A batch may
+    /// hold fewer than `size` users when they are large.
     #[instrument(skip_all, fields(project = %query.project))]
     pub async fn export_batch(
         &self,
         query: &UserQuery,
         size: u32,
         after: Option<&Cursor>,
-    ) -> Result<(Vec<User>, Option<Cursor>), DomainError> {
-        let users = self.repo.export(query, after, u64::from(size)).await?;
+    ) -> Result<(Vec<User>, Option<Cursor>, bool), DomainError> {
+        let (users, exhausted) =
+            read_bounded(query, after.cloned(), u64::from(size), |c, n| async move {
+                self.repo.export(query, c.as_ref(), n).await
+            })
+            .await?;
         let cursor = users
             .last()
             .map(|u| query.order.cursor_of(u, query.search.as_deref()));
-        Ok((users, cursor))
+        Ok((users, cursor, exhausted))
     }
 
     /// The cursor a page or resume token carries; `field` names the token in
@@ -397,11 +448,14 @@ impl<R: UserRepository> Users<R> {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
-        let mut users = self
-            .repo
-            .list(query, after.as_ref(), u64::from(size) + 1)
+        let (mut users, exhausted) =
+            read_bounded(query, after, u64::from(size) + 1, |c, n| async move {
+                self.repo.list(query, c.as_ref(), n).await
+            })
             .await?;
-        let next_page_token = if users.len() > size as usize {
+        // More than a page: there is a next one. Fewer, but cut to bound
+        // memory (large users): the next page starts after the last one.
+        let next_page_token = if users.len() > size as usize || !exhausted {
             users.truncate(size as usize);
             users
                 .last()

@@ -175,6 +175,65 @@ impl FieldPath {
 }
 
 impl Profile {
+    /// About how many bytes the profile takes in memory (and, within a small
+    /// factor, on the wire): what reads budget pages with.
+    pub fn approx_bytes(&self) -> usize {
+        fn json(v: &serde_json::Value) -> usize {
+            16 + match v {
+                serde_json::Value::String(s) => s.len(),
+                serde_json::Value::Array(a) => a.iter().map(json).sum(),
+                serde_json::Value::Object(o) => o.iter().map(|(k, v)| k.len() + json(v)).sum(),
+                _ => 0,
+            }
+        }
+        let opt = |s: Option<&str>| s.map_or(0, str::len);
+        let list = |l: &[String]| l.iter().map(|x| x.len() + 24).sum::<usize>();
+        512 + opt(self.email.as_ref().map(|e| e.as_str()))
+            + opt(self.phone_number.as_ref().map(|p| p.as_str()))
+            + self
+                .secondary_emails
+                .iter()
+                .map(|e| e.as_str().len() + 24)
+                .sum::<usize>()
+            + self
+                .secondary_phone_numbers
+                .iter()
+                .map(|p| p.as_str().len() + 24)
+                .sum::<usize>()
+            + opt(self.username.as_ref().map(|u| u.as_str()))
+            + opt(self.external_id.as_ref().map(|x| x.as_str()))
+            + self.display_name.len()
+            + self.given_name.len()
+            + self.middle_name.len()
+            + self.family_name.len()
+            + self.title.len()
+            + opt(self.picture_uri.as_ref().map(|p| p.as_str()))
+            + self
+                .addresses
+                .iter()
+                .map(|a| {
+                    64 + a.label.len()
+                        + list(&a.lines)
+                        + a.locality.len()
+                        + a.region.len()
+                        + a.postal_code.len()
+                })
+                .sum::<usize>()
+            + self.bio.len()
+            + self.note.len()
+            + list(&self.tags)
+            + list(&self.roles)
+            + self
+                .metadata
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 48)
+                .sum::<usize>()
+            + self
+                .custom_data
+                .as_ref()
+                .map_or(0, |m| m.iter().map(|(k, v)| k.len() + json(v)).sum())
+    }
+
     /// A user must be reachable: at least one of email and phone number.
     pub fn has_contact(&self) -> bool {
         self.email.is_some() || self.phone_number.is_some()

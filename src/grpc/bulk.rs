@@ -205,7 +205,7 @@ pub(super) fn export<R: UserRepository>(
                 r = users.export_batch(&query, size, after.as_ref()) => r,
                 () = tx.closed() => return,
             };
-            let (batch, cursor) = match read {
+            let (batch, cursor, exhausted) = match read {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
@@ -213,7 +213,7 @@ pub(super) fn export<R: UserRepository>(
                 }
             };
             let Some(cursor) = cursor else { return };
-            let last = batch.len() < size as usize;
+            let last = exhausted;
             // A batch larger than one message allows goes out in several,
             // each resumable after its own last user.
             let mut rest = &batch[..];

@@ -324,7 +324,9 @@ fn heavy(i: usize) -> pb::User {
 async fn pages_and_stream_messages_fit_a_default_client(e: Engine) {
     let s = TestServer::start(e).await;
     let mut c = s.client();
-    const N: usize = 400;
+    // 600 x 15 KB = 9 MB: more than a page holds and more than one read
+    // of the server holds in memory (8 MiB).
+    const N: usize = 600;
     for chunk in (0..N).collect::<Vec<_>>().chunks(200) {
         c.batch_create_users(pb::BatchCreateUsersRequest {
             parent: PROJECT.into(),
@@ -341,7 +343,7 @@ async fn pages_and_stream_messages_fit_a_default_client(e: Engine) {
         .expect("batch create");
     }
 
-    // 400 x 15 KB = 6 MB: one page of 1000 cannot hold them. The default
+    // One page of 1000 cannot hold them. The default
     // client (4 MiB receive limit) reads every page.
     let mut seen = std::collections::HashSet::new();
     let mut token = String::new();
