@@ -149,7 +149,7 @@ pub struct RemoteJwks {
     client: reqwest::Client,
     keys: RwLock<Option<Arc<KeyMap>>>,
     /// When an unknown kid last caused a fetch; also serialises such fetches.
-    last_on_demand: tokio::sync::Mutex<Option<Instant>>,
+    last_on_demand: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
 
 impl RemoteJwks {
@@ -166,7 +166,7 @@ impl RemoteJwks {
             url,
             client,
             keys: RwLock::new(None),
-            last_on_demand: tokio::sync::Mutex::new(None),
+            last_on_demand: Arc::new(tokio::sync::Mutex::new(None)),
         });
         let first = remote.refresh().await;
         if let Err(e) = &first {
@@ -245,7 +245,7 @@ impl RemoteJwks {
         {
             return Ok(k);
         }
-        let mut last = self.last_on_demand.lock().await;
+        let mut last = self.last_on_demand.clone().lock_owned().await;
         // Another call may have refreshed while this one waited.
         if let Some(keys) = self.current()
             && let Some(k) = pick(&keys, kid, alg)
@@ -254,18 +254,25 @@ impl RemoteJwks {
         }
         if last.is_none_or(|t| t.elapsed() >= UNKNOWN_KID_COOLDOWN) {
             *last = Some(Instant::now());
-            // In a task of its own: a caller that gives up does not abort a
-            // refresh that the cooldown already counts.
+            // In a task of its own that holds the lock until it is done: a
+            // caller that gives up aborts nothing, and the callers waiting
+            // behind it see the refreshed keys.
             let me = self.clone();
-            match tokio::spawn(async move { me.refresh().await }).await {
+            let refresh = tokio::spawn(async move {
+                let r = me.refresh().await;
+                drop(last);
+                r
+            });
+            match refresh.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     warn!(url = %self.url, error = %e, "JWKS refresh for an unknown key id failed")
                 }
                 Err(e) => warn!(url = %self.url, error = %e, "JWKS refresh task failed"),
             }
+        } else {
+            drop(last);
         }
-        drop(last);
         match self.current() {
             None => Err(AuthError::KeysUnavailable),
             Some(keys) => pick(&keys, kid, alg).ok_or(AuthError::Invalid(

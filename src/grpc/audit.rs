@@ -2,8 +2,11 @@
 //! target `audit`, with the caller's `sub`, the project, the RPC, the
 //! resource name, the request_id and the outcome (the gRPC code name, e.g.
 //! `OK`, `PERMISSION_DENIED`; `CANCELLED` when the client went away before
-//! the answer). Refused writes are recorded too; ImportUsers records each
-//! committed chunk. No personal data: names are ids, never emails.
+//! the answer). Writes the handler refuses (scope, project, validation) are
+//! recorded too; calls refused before a handler runs (no or a bad token, a
+//! message too large to decode) appear only in the per-RPC log. ImportUsers
+//! records each committed chunk and a refused start. No personal data:
+//! names are ids, never emails.
 //!
 //! `RUST_LOG=warn,audit=info` keeps only the trail; with
 //! `--log-format json` each event is one JSON object.
@@ -85,7 +88,13 @@ impl Audit {
 impl Drop for Audit {
     fn drop(&mut self) {
         if !self.done {
-            self.emit(tonic::Code::Cancelled);
+            // Unwinding: the catch-panic layer answers INTERNAL.
+            let code = if std::thread::panicking() {
+                tonic::Code::Internal
+            } else {
+                tonic::Code::Cancelled
+            };
+            self.emit(code);
         }
     }
 }

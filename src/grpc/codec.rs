@@ -14,6 +14,7 @@ use tonic_prost::ProstEncoder;
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::status::DOMAIN;
+use super::wire_budget::Refused;
 
 #[derive(Debug, Clone, Copy)]
 pub struct StrictProstCodec<T, U> {
@@ -45,6 +46,18 @@ where
     }
 }
 
+fn malformed(why: &str) -> Status {
+    Status::with_error_details(
+        Code::InvalidArgument,
+        why,
+        ErrorDetails::with_error_info(
+            "MALFORMED_REQUEST",
+            DOMAIN,
+            std::collections::HashMap::new(),
+        ),
+    )
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct StrictProstDecoder<U> {
     _pd: PhantomData<U>,
@@ -58,32 +71,32 @@ impl<U: Message + Name + Default> Decoder for StrictProstDecoder<U> {
         let bytes = prost::bytes::Buf::chunk(buf);
         if bytes.len() == prost::bytes::Buf::remaining(buf) {
             let name = format!("{}.{}", U::PACKAGE, U::NAME);
-            if let Err(over) =
-                super::wire_budget::check(&name, bytes, super::wire_budget::DECODE_BUDGET)
-            {
-                let mut d = ErrorDetails::with_error_info(
-                    "REQUEST_TOO_LARGE",
-                    DOMAIN,
-                    std::collections::HashMap::new(),
-                );
-                let why = format!(
-                    "decoding this message would take more than {} MiB; send fewer items per message",
-                    over.budget / (1024 * 1024)
-                );
-                d.add_quota_failure_violation("request", why.clone());
-                return Err(Status::with_error_details(Code::ResourceExhausted, why, d));
+            match super::wire_budget::check(&name, bytes, super::wire_budget::DECODE_BUDGET) {
+                Ok(()) => {}
+                Err(Refused::OverBudget { budget }) => {
+                    let mut d = ErrorDetails::with_error_info(
+                        "REQUEST_TOO_LARGE",
+                        DOMAIN,
+                        std::collections::HashMap::new(),
+                    );
+                    let why = format!(
+                        "decoding this message would take more than {} MiB; send fewer items per message",
+                        budget / (1024 * 1024)
+                    );
+                    d.add_quota_failure_violation("request", why.clone());
+                    return Err(Status::with_error_details(Code::ResourceExhausted, why, d));
+                }
+                Err(Refused::Malformed) => {
+                    return Err(malformed(
+                        "the message is not valid protobuf for its type (bad wire format or a group)",
+                    ));
+                }
             }
         }
         U::decode(buf).map(Some).map_err(|e| {
-            Status::with_error_details(
-                Code::InvalidArgument,
-                format!("the message is not valid protobuf for its type: {e}"),
-                ErrorDetails::with_error_info(
-                    "MALFORMED_REQUEST",
-                    DOMAIN,
-                    std::collections::HashMap::new(),
-                ),
-            )
+            malformed(&format!(
+                "the message is not valid protobuf for its type: {e}"
+            ))
         })
     }
 

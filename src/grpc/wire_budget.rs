@@ -23,6 +23,8 @@ const MAX_DEPTH: usize = 100;
 
 #[derive(Debug)]
 struct Field {
+    /// The oneof it belongs to: only the largest member counts inline.
+    oneof: Option<i32>,
     repeated: bool,
     /// Index of the message type of a message field.
     message: Option<usize>,
@@ -88,6 +90,7 @@ impl Schema {
                             .then(|| by_name.get(f.type_name()).copied())
                             .flatten();
                         let field = Field {
+                            oneof: f.oneof_index,
                             repeated: f.label() == Label::Repeated,
                             message,
                             heap: matches!(f.r#type(), Type::String | Type::Bytes),
@@ -121,18 +124,28 @@ impl Schema {
             _ => {}
         }
         state[i] = 1;
-        let subs: Vec<(bool, Option<usize>)> = self.msgs[i]
+        let subs: Vec<(Option<i32>, bool, Option<usize>)> = self.msgs[i]
             .fields
             .values()
-            .map(|f| (f.repeated, f.message))
+            .map(|f| (f.oneof, f.repeated, f.message))
             .collect();
         let mut size = 16;
-        for (repeated, message) in subs {
-            size += match (repeated, message) {
+        // A oneof is an enum: its largest member, once.
+        let mut oneofs: HashMap<i32, usize> = HashMap::new();
+        for (oneof, repeated, message) in subs {
+            let member = match (repeated, message) {
                 (false, Some(m)) => self.inline_size(m, state) + 8,
                 _ => 24,
             };
+            match oneof {
+                Some(o) => {
+                    let e = oneofs.entry(o).or_insert(0);
+                    *e = (*e).max(member);
+                }
+                None => size += member,
+            }
         }
+        size += oneofs.values().map(|m| m + 8).sum::<usize>();
         self.msgs[i].inline = size;
         state[i] = 2;
         size
@@ -141,22 +154,25 @@ impl Schema {
 
 /// Why a message was refused.
 #[derive(Debug, PartialEq, Eq)]
-pub struct OverBudget {
-    pub budget: usize,
+pub enum Refused {
+    /// Decoding it would take more than `budget` bytes.
+    OverBudget { budget: usize },
+    /// Not protobuf this contract speaks: bad varints or lengths, or groups
+    /// (which no message here uses, and which would hide what follows).
+    Malformed,
 }
 
 /// Checks that decoding `buf` as the message type `full_name` (e.g.
-/// `users.v1.BatchCreateUsersRequest`) stays within `budget` bytes. Wire
-/// format errors are left to the decoder, which reports them precisely.
-pub fn check(full_name: &str, buf: &[u8], budget: usize) -> Result<(), OverBudget> {
+/// `users.v1.BatchCreateUsersRequest`) stays within `budget` bytes.
+pub fn check(full_name: &str, buf: &[u8], budget: usize) -> Result<(), Refused> {
     let schema = &*SCHEMA;
     let Some(&root) = schema.by_name.get(full_name) else {
         return Ok(());
     };
     let mut cost = schema.msgs[root].inline;
-    walk(schema, root, buf, 0, &mut cost, budget);
+    walk(schema, root, buf, 0, &mut cost, budget)?;
     if cost > budget {
-        Err(OverBudget { budget })
+        Err(Refused::OverBudget { budget })
     } else {
         Ok(())
     }
@@ -176,21 +192,28 @@ fn varint(buf: &mut &[u8]) -> Option<u64> {
 }
 
 /// Adds what decoding `buf` as message `m` allocates to `cost`; stops as
-/// soon as the budget is exceeded or the bytes are not well-formed.
-fn walk(schema: &Schema, m: usize, mut buf: &[u8], depth: usize, cost: &mut usize, budget: usize) {
+/// soon as the budget is exceeded, and refuses bytes that are not
+/// well-formed.
+fn walk(
+    schema: &Schema,
+    m: usize,
+    mut buf: &[u8],
+    depth: usize,
+    cost: &mut usize,
+    budget: usize,
+) -> Result<(), Refused> {
+    use Refused::Malformed;
     if depth > MAX_DEPTH {
-        return;
+        return Err(Malformed);
     }
     let msg = &schema.msgs[m];
     while !buf.is_empty() && *cost <= budget {
-        let Some(key) = varint(&mut buf) else { return };
+        let key = varint(&mut buf).ok_or(Malformed)?;
         let number = (key >> 3) as u32;
         let field = msg.fields.get(&number);
         match key & 7 {
             0 => {
-                if varint(&mut buf).is_none() {
-                    return;
-                }
+                varint(&mut buf).ok_or(Malformed)?;
                 if field.is_some_and(|f| f.repeated) {
                     *cost += 8;
                 }
@@ -198,7 +221,7 @@ fn walk(schema: &Schema, m: usize, mut buf: &[u8], depth: usize, cost: &mut usiz
             1 | 5 => {
                 let n = if key & 7 == 1 { 8 } else { 4 };
                 if buf.len() < n {
-                    return;
+                    return Err(Malformed);
                 }
                 buf = &buf[n..];
                 if field.is_some_and(|f| f.repeated) {
@@ -206,12 +229,10 @@ fn walk(schema: &Schema, m: usize, mut buf: &[u8], depth: usize, cost: &mut usiz
                 }
             }
             2 => {
-                let Some(len) = varint(&mut buf) else { return };
-                let Ok(len) = usize::try_from(len) else {
-                    return;
-                };
+                let len = varint(&mut buf).ok_or(Malformed)?;
+                let len = usize::try_from(len).map_err(|_| Malformed)?;
                 if buf.len() < len {
-                    return;
+                    return Err(Malformed);
                 }
                 let (payload, rest) = buf.split_at(len);
                 buf = rest;
@@ -220,7 +241,7 @@ fn walk(schema: &Schema, m: usize, mut buf: &[u8], depth: usize, cost: &mut usiz
                     if f.repeated {
                         *cost += schema.msgs[sub].inline;
                     }
-                    walk(schema, sub, payload, depth + 1, cost, budget);
+                    walk(schema, sub, payload, depth + 1, cost, budget)?;
                 } else if f.heap {
                     let heap = if payload.is_empty() {
                         0
@@ -233,10 +254,12 @@ fn walk(schema: &Schema, m: usize, mut buf: &[u8], depth: usize, cost: &mut usiz
                     *cost += payload.len() * 8;
                 }
             }
-            // Groups are not used by this contract; prost refuses them.
-            _ => return,
+            // Groups: no message of this contract has one, and prost skips
+            // unknown ones unseen, so they could hide what follows.
+            _ => return Err(Malformed),
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -255,9 +278,16 @@ mod tests {
         assert!(bytes.len() < 1024 * 1024, "{}", bytes.len());
         assert_eq!(
             check("users.v1.BatchCreateUsersRequest", &bytes, DECODE_BUDGET),
-            Err(OverBudget {
+            Err(Refused::OverBudget {
                 budget: DECODE_BUDGET
             })
+        );
+        // An empty group in front hides nothing.
+        let mut hidden = vec![0x7b, 0x7c];
+        hidden.extend_from_slice(&bytes);
+        assert_eq!(
+            check("users.v1.BatchCreateUsersRequest", &hidden, DECODE_BUDGET),
+            Err(Refused::Malformed)
         );
         let small = pb::BatchCreateUsersRequest {
             parent: "projects/a".into(),
@@ -298,9 +328,50 @@ mod tests {
             )
             .is_err()
         );
-        // Garbage is left to the decoder.
+        // Garbage is refused as such.
         assert_eq!(
             check("users.v1.CreateUserRequest", &[0xff, 0xff], DECODE_BUDGET),
+            Err(Refused::Malformed)
+        );
+        // A full batch with numeric custom data is well within the budget.
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert(
+            "scores".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::ListValue(
+                    prost_types::ListValue {
+                        values: (0..150)
+                            .map(|i| prost_types::Value {
+                                kind: Some(prost_types::value::Kind::NumberValue(
+                                    f64::from(i) + 0.5,
+                                )),
+                            })
+                            .collect(),
+                    },
+                )),
+            },
+        );
+        let numeric = pb::BatchCreateUsersRequest {
+            parent: "projects/a".into(),
+            requests: vec![
+                pb::CreateUserRequest {
+                    user: Some(pb::User {
+                        email: "a@example.com".into(),
+                        custom_data: Some(prost_types::Struct { fields }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                1000
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            check(
+                "users.v1.BatchCreateUsersRequest",
+                &numeric.encode_to_vec(),
+                DECODE_BUDGET
+            ),
             Ok(())
         );
     }
