@@ -30,13 +30,36 @@ pub const SERVICE_NAME: &str = "users.v1.UserService";
 
 /// Connects to the database and applies migrations.
 pub async fn open_database(settings: &Settings) -> Result<SeaOrmRepository, BoxError> {
-    let db = storage::connect(&settings.database_url, settings.db_max_connections)
-        .await
-        .map_err(|e| format!("cannot open the database: {e}"))?;
-    storage::migrate(&db)
-        .await
-        .map_err(|e| format!("cannot migrate the database: {e}"))?;
-    Ok(SeaOrmRepository::new(db).with_sqlite_readers(&settings.database_url))
+    let url = &settings.database_url;
+    let postgres = url.starts_with("postgres");
+    // Migrations may build indexes for minutes: on PostgreSQL they run on a
+    // connection of their own, without the serving pool's statement timeout.
+    let db = if postgres {
+        // Two: one holds the advisory lock, the other migrates.
+        let admin = storage::connect(url, 2)
+            .await
+            .map_err(|e| format!("cannot open the database: {e}"))?;
+        storage::migrate(&admin)
+            .await
+            .map_err(|e| format!("cannot migrate the database: {e}"))?;
+        admin.close().await.ok();
+        // A statement may run as long as a call may, and a little more.
+        let limit = settings.request_timeout + std::time::Duration::from_secs(5);
+        storage::connect_with(url, settings.db_max_connections, Some(limit))
+            .await
+            .map_err(|e| format!("cannot open the database: {e}"))?
+    } else {
+        let db = storage::connect(url, settings.db_max_connections)
+            .await
+            .map_err(|e| format!("cannot open the database: {e}"))?;
+        storage::migrate(&db)
+            .await
+            .map_err(|e| format!("cannot migrate the database: {e}"))?;
+        db
+    };
+    Ok(SeaOrmRepository::new(db)
+        .with_sqlite_readers(url)
+        .with_heavy_read_limit((settings.db_max_connections / 2).max(1) as usize))
 }
 
 /// Binds `settings.listen` and serves until `shutdown` resolves.

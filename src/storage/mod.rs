@@ -39,6 +39,20 @@ const REQUEST_ID_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Opens a pool. SQLite files are created when missing and run in WAL mode with
 /// a busy timeout and foreign keys on.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+    connect_with(url, max_connections, None).await
+}
+
+/// As `connect`; on PostgreSQL every statement of the pool is cancelled by
+/// the server after `statement_timeout`, so a query whose caller gave up
+/// does not run on.
+pub async fn connect_with(
+    url: &str,
+    max_connections: u32,
+    statement_timeout: Option<Duration>,
+) -> Result<DatabaseConnection, DbErr> {
+    let timeout_ms = statement_timeout
+        .map_or(0, |t| t.as_millis().max(1))
+        .to_string();
     let mut opts = ConnectOptions::new(url.to_owned());
     opts.max_connections(max_connections)
         .min_connections(1)
@@ -62,7 +76,12 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
         // times; after five runs PostgreSQL may switch to a generic plan that
         // ignores the values (a keyset page then scans and sorts the whole
         // project). The plans here depend on the values: plan each run.
-        .map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_custom_plan")]));
+        .map_sqlx_postgres_opts(move |o| {
+            o.options([
+                ("plan_cache_mode", "force_custom_plan"),
+                ("statement_timeout", timeout_ms.as_str()),
+            ])
+        });
     Database::connect(opts).await
 }
 
@@ -90,6 +109,13 @@ pub struct SeaOrmRepository {
     /// SQLite only: connections for exports, without a memory map, so that
     /// reading the whole table leaves the process's memory flat.
     scan_readers: Option<Arc<SqliteReaders>>,
+    /// SQLite: GetUser and LookupUser only, so that slow lists and counts
+    /// never keep a point read waiting.
+    point_readers: Option<Arc<SqliteReaders>>,
+    /// Lists, searches, counts and export batches running at once: at most
+    /// half the pool, so that point reads and writes always find a
+    /// connection however many slow queries are asked for.
+    heavy: Arc<tokio::sync::Semaphore>,
     /// PostgreSQL only: batched point reads (see `read_batch`).
     batched_reads: Option<ReadBatcher>,
 }
@@ -110,14 +136,25 @@ impl SeaOrmRepository {
             creates,
             readers: None,
             scan_readers: None,
+            point_readers: None,
+            heavy: Arc::new(tokio::sync::Semaphore::new(4)),
             batched_reads,
         }
     }
 
-    /// On SQLite, serves GetUser and LookupUser from inline read-only
-    /// connections to the file of `url`.
+    /// How many lists, searches, counts and export batches may run at once
+    /// (the rest wait their turn, asynchronously).
+    pub fn with_heavy_read_limit(mut self, n: usize) -> Self {
+        self.heavy = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
+    }
+
+    /// On SQLite, serves reads from read-only rusqlite connections to the
+    /// file of `url` on the blocking pool: point reads, lists and counts,
+    /// and exports each on connections of their own.
     pub fn with_sqlite_readers(mut self, url: &str) -> Self {
         if self.db.get_database_backend() == DatabaseBackend::Sqlite {
+            self.point_readers = SqliteReaders::open(url, 4, true).map(Arc::new);
             self.readers = SqliteReaders::open(url, 4, true).map(Arc::new);
             self.scan_readers = SqliteReaders::open(url, 2, false).map(Arc::new);
         }
@@ -279,14 +316,13 @@ impl SeaOrmRepository {
         after: Option<&Cursor>,
         limit: u64,
     ) -> Result<Vec<User>, DomainError> {
+        let _turn = self.heavy_turn().await?;
         let backend = self.db.get_database_backend();
         let plan = self.plan(query).await?;
         let stmt = query::select_page(backend, query, &plan, after, limit);
         if let Some(r) = readers {
-            let (r, st) = (r.clone(), stmt.clone());
-            match tokio::task::spawn_blocking(move || r.users(&st)).await {
-                Ok(Ok(rows)) => return rows.into_iter().map(from_model).collect(),
-                Ok(Err(e)) => debug!(error = %e, "inline list failed; using the pool"),
+            match r.users(&stmt).await {
+                Ok(rows) => return rows.into_iter().map(from_model).collect(),
                 Err(e) => debug!(error = %e, "inline list failed; using the pool"),
             }
         }
@@ -298,6 +334,13 @@ impl SeaOrmRepository {
             .into_iter()
             .map(from_model)
             .collect()
+    }
+
+    async fn heavy_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, DomainError> {
+        self.heavy
+            .acquire()
+            .await
+            .map_err(|_| DomainError::Unavailable("shutting down".into()))
     }
 
     /// How `query` is read: decided from its shape, or by counting (up to a
@@ -320,10 +363,8 @@ impl SeaOrmRepository {
     /// The one integer `n` a statement selects; inline on SQLite.
     async fn number(&self, stmt: Statement) -> Result<i64, DomainError> {
         if let Some(r) = &self.readers {
-            let (r, st) = (r.clone(), stmt.clone());
-            match tokio::task::spawn_blocking(move || r.number(&st)).await {
-                Ok(Ok(n)) => return Ok(n),
-                Ok(Err(e)) => debug!(error = %e, "inline count failed; using the pool"),
+            match r.number(&stmt).await {
+                Ok(n) => return Ok(n),
                 Err(e) => debug!(error = %e, "inline count failed; using the pool"),
             }
         }
@@ -459,8 +500,8 @@ impl UserRepository for SeaOrmRepository {
 
     #[instrument(skip_all, fields(project = %project))]
     async fn get(&self, project: &ProjectId, id: &UserId) -> Result<Option<User>, DomainError> {
-        if let Some(r) = &self.readers {
-            match r.get(project.as_str(), id.as_str()) {
+        if let Some(r) = &self.point_readers {
+            match r.get(project.as_str(), id.as_str()).await {
                 Ok(found) => return found.map(from_model).transpose(),
                 Err(e) => debug!(error = %e, "inline read failed; using the pool"),
             }
@@ -496,8 +537,8 @@ impl UserRepository for SeaOrmRepository {
             Identity::Username(u) => (LookupColumn::Username, u.as_str().to_owned()),
             Identity::ExternalId(x) => (LookupColumn::ExternalId, x.as_str().to_owned()),
         };
-        if let Some(r) = &self.readers {
-            match r.lookup(project.as_str(), column, &value) {
+        if let Some(r) = &self.point_readers {
+            match r.lookup(project.as_str(), column, &value).await {
                 Ok(found) => return found.map(from_model).transpose(),
                 Err(e) => debug!(error = %e, "inline read failed; using the pool"),
             }
@@ -611,6 +652,7 @@ impl UserRepository for SeaOrmRepository {
 
     #[instrument(skip_all, fields(project = %query.project))]
     async fn count(&self, query: &UserQuery) -> Result<u64, DomainError> {
+        let _turn = self.heavy_turn().await?;
         let backend = self.db.get_database_backend();
         let driver = query::count_driver(query);
         let stmt = query::select_count(backend, query, driver.as_ref());

@@ -1,19 +1,20 @@
-//! Point reads (GetUser, LookupUser) on the SQLite engine.
+//! Reads on the SQLite engine through read-only rusqlite connections.
 //!
 //! sqlx runs every SQLite connection on a worker thread of its own and hands
 //! each statement and each row across threads; a profile of GetUser showed
 //! most of the server's CPU in those hand-offs (futex wake/wait, channel
-//! traffic), not in SQLite. These reads instead run on the calling thread
-//! through a few read-only connections to the same file (WAL mode: readers
-//! never wait for the writer), with cached prepared statements. A point read
-//! by primary key or unique index takes microseconds, so it runs inline.
-//! Everything else, writes included, stays on sea-orm.
+//! traffic), not in SQLite. Reads instead take a read-only connection to the
+//! same file (WAL mode: readers never wait for the writer) with cached
+//! prepared statements, and run on tokio's blocking pool: never on an async
+//! worker, and a caller waits for a free connection asynchronously. A call
+//! that is cancelled (the client went away, its deadline passed) interrupts
+//! its statement. Writes stay on sea-orm.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
+use rusqlite::{Connection, InterruptHandle, OpenFlags, OptionalExtension, Row};
+use tokio::sync::Semaphore;
 
 use super::entity::users;
 
@@ -44,9 +45,52 @@ impl LookupColumn {
     }
 }
 
+/// A few read-only connections, handed out one call at a time.
 pub(crate) struct SqliteReaders {
-    conns: Vec<Mutex<Connection>>,
-    next: AtomicUsize,
+    free: Mutex<Vec<Connection>>,
+    /// One permit per connection in `free`: waiting for one is async.
+    permits: Semaphore,
+}
+
+/// The interrupt handle of a connection while one call uses it; the call
+/// takes it out (under the lock) before the connection goes back, so a late
+/// interrupt never reaches the next call's statement.
+type Interrupt = Arc<Mutex<Option<InterruptHandle>>>;
+
+/// Interrupts the statement of a call that is dropped before it finished.
+struct InterruptOnDrop(Interrupt);
+
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            h.interrupt();
+        }
+    }
+}
+
+/// A borrowed connection: goes back to the pool (with its permit) however
+/// the call ends, panics included.
+struct Lent {
+    conn: Option<Connection>,
+    pool: Arc<SqliteReaders>,
+    interrupt: Interrupt,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.interrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = self.conn.take() {
+            self.pool
+                .free
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(c);
+            self.pool.permits.add_permits(1);
+        }
+    }
 }
 
 impl SqliteReaders {
@@ -76,51 +120,71 @@ impl SqliteReaders {
                 c.pragma_update(None, "mmap_size", 1_i64 << 30).ok()?;
             }
             c.set_prepared_statement_cache_capacity(16);
-            conns.push(Mutex::new(c));
+            conns.push(c);
         }
         Some(Self {
-            conns,
-            next: AtomicUsize::new(0),
+            permits: Semaphore::new(conns.len()),
+            free: Mutex::new(conns),
         })
     }
 
-    /// Runs `f` on a free connection (or waits for one).
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
-        let n = self.conns.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for k in 0..n {
-            if let Ok(conn) = self.conns[(start + k) % n].try_lock() {
-                return f(&conn);
-            }
-        }
-        let conn = self.conns[start % n]
+    /// Runs `f` on a free connection, on the blocking pool. Waiting for a
+    /// connection is async; dropping the returned future interrupts `f`'s
+    /// statement.
+    async fn with<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> rusqlite::Result<T> {
+        let closed = || rusqlite::Error::InvalidParameterName("reader pool closed".into());
+        let permit = self.permits.acquire().await.map_err(|_| closed())?;
+        let conn = self
+            .free
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&conn)
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .ok_or_else(closed)?;
+        let interrupt: Interrupt = Arc::new(Mutex::new(Some(conn.get_interrupt_handle())));
+        let _guard = InterruptOnDrop(interrupt.clone());
+        let lent = Lent {
+            conn: Some(conn),
+            pool: self.clone(),
+            interrupt,
+        };
+        // The permit travels with the connection: `Lent` gives it back.
+        permit.forget();
+        tokio::task::spawn_blocking(move || {
+            let conn = lent.conn.as_ref().ok_or_else(closed)?;
+            f(conn)
+        })
+        .await
+        .map_err(|e| rusqlite::Error::InvalidParameterName(format!("reader task: {e}")))?
     }
 
-    pub(crate) fn get(
-        &self,
+    pub(crate) async fn get(
+        self: &Arc<Self>,
         project: &str,
         user_id: &str,
     ) -> rusqlite::Result<Option<users::Model>> {
-        self.with(|c| {
+        let (project, user_id) = (project.to_owned(), user_id.to_owned());
+        self.with(move |c| {
             c.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM users WHERE project = ?1 AND user_id = ?2"
             ))?
             .query_row((project, user_id), model)
             .optional()
         })
+        .await
     }
 
-    pub(crate) fn lookup(
-        &self,
+    pub(crate) async fn lookup(
+        self: &Arc<Self>,
         project: &str,
         column: LookupColumn,
         value: &str,
     ) -> rusqlite::Result<Option<users::Model>> {
         let column = column.column();
-        self.with(|c| {
+        let (project, value) = (project.to_owned(), value.to_owned());
+        self.with(move |c| {
             c.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM users \
                  WHERE project = ?1 AND {column} = ?2 AND delete_time IS NULL"
@@ -128,28 +192,39 @@ impl SqliteReaders {
             .query_row((project, value), model)
             .optional()
         })
+        .await
     }
 }
 
 impl SqliteReaders {
     /// Runs a SELECT built for SQLite whose columns are those of
     /// `users::Model`, in order (lists and searches).
-    pub(crate) fn users(&self, stmt: &sea_orm::Statement) -> rusqlite::Result<Vec<users::Model>> {
+    pub(crate) async fn users(
+        self: &Arc<Self>,
+        stmt: &sea_orm::Statement,
+    ) -> rusqlite::Result<Vec<users::Model>> {
         let params = params(stmt)?;
-        self.with(|c| {
-            let mut st = c.prepare_cached(&stmt.sql)?;
+        let sql = stmt.sql.clone();
+        self.with(move |c| {
+            let mut st = c.prepare_cached(&sql)?;
             let rows = st.query_map(rusqlite::params_from_iter(params), model)?;
             rows.collect()
         })
+        .await
     }
 
     /// Runs a SELECT of one integer column `n` (counts).
-    pub(crate) fn number(&self, stmt: &sea_orm::Statement) -> rusqlite::Result<i64> {
+    pub(crate) async fn number(
+        self: &Arc<Self>,
+        stmt: &sea_orm::Statement,
+    ) -> rusqlite::Result<i64> {
         let params = params(stmt)?;
-        self.with(|c| {
-            c.prepare_cached(&stmt.sql)?
+        let sql = stmt.sql.clone();
+        self.with(move |c| {
+            c.prepare_cached(&sql)?
                 .query_row(rusqlite::params_from_iter(params), |r| r.get(0))
         })
+        .await
     }
 }
 

@@ -513,7 +513,7 @@ fn import_msg(parent: &str, users: Vec<User>) -> pb::ImportUsersRequest {
 }
 
 /// Sends `users` in messages of `per_message` and collects every ack.
-async fn import(
+pub async fn import(
     c: &mut Client,
     users: Vec<User>,
     per_message: usize,
@@ -526,7 +526,7 @@ async fn import(
     import_messages(c, msgs).await
 }
 
-async fn import_messages(
+pub async fn import_messages(
     c: &mut Client,
     msgs: Vec<pb::ImportUsersRequest>,
 ) -> Result<Vec<pb::ImportUsersResponse>, Status> {

@@ -17,6 +17,7 @@ mod limits;
 mod list;
 mod plans;
 mod read;
+mod runtime;
 mod server;
 mod tls;
 mod update;
