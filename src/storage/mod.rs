@@ -4,6 +4,7 @@ mod batch;
 mod bulk;
 pub mod ceiling;
 mod entity;
+pub mod nodelay;
 mod query;
 mod read_batch;
 mod sqlite_read;
@@ -76,6 +77,14 @@ pub async fn connect_with(
         // times; after five runs PostgreSQL may switch to a generic plan that
         // ignores the values (a keyset page then scans and sorts the whole
         // project). The plans here depend on the values: plan each run.
+        .map_sqlx_postgres_pool_opts(|o| {
+            o.after_connect(|_conn, _meta| {
+                Box::pin(async {
+                    nodelay::set_on_tcp_sockets();
+                    Ok(())
+                })
+            })
+        })
         .map_sqlx_postgres_opts(move |o| {
             o.options([
                 ("plan_cache_mode", "force_custom_plan"),

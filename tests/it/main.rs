@@ -15,6 +15,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod list;
+mod pg_tls;
 mod plans;
 mod read;
 mod runtime;
