@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261122_000001_create_users;
 mod m20261122_000002_user_terms;
 mod m20261122_000003_user_terms_by_time;
+mod m20261202_000004_request_ids_by_time;
 pub mod terms;
 
 pub struct Migrator;
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_create_users::Migration),
             Box::new(m20261122_000002_user_terms::Migration),
             Box::new(m20261122_000003_user_terms_by_time::Migration),
+            Box::new(m20261202_000004_request_ids_by_time::Migration),
         ]
     }
 }

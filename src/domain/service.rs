@@ -157,7 +157,7 @@ impl<R: UserRepository> Users<R> {
     pub async fn get(&self, name: &UserName) -> Result<User, DomainError> {
         let user = self.repo.get(&name.project, &name.user).await?;
         let now = Timestamp::now();
-        user.filter(|u| u.purge_time.is_none_or(|p| p > now))
+        user.filter(|u| !u.is_purged_at(now))
             .ok_or_else(|| DomainError::NotFound(name.to_string()))
     }
 
@@ -483,8 +483,13 @@ impl<R: UserRepository> Users<R> {
         ids: &[UserId],
     ) -> Result<Vec<User>, DomainError> {
         let found = self.repo.get_many(project, ids).await?;
-        let by_id: std::collections::HashMap<&str, &User> =
-            found.iter().map(|u| (u.id.as_str(), u)).collect();
+        let now = Timestamp::now();
+        // As GetUser: a user past its purge time is gone, purged or not yet.
+        let by_id: std::collections::HashMap<&str, &User> = found
+            .iter()
+            .filter(|u| !u.is_purged_at(now))
+            .map(|u| (u.id.as_str(), u))
+            .collect();
         ids.iter()
             .map(|id| {
                 by_id.get(id.as_str()).map(|u| (*u).clone()).ok_or_else(|| {

@@ -314,6 +314,12 @@ impl User {
         }
     }
 
+    /// Whether the user's retention has run out at `now`: it reads as gone
+    /// whether or not the purge has erased it yet.
+    pub fn is_purged_at(&self, now: Timestamp) -> bool {
+        self.purge_time.is_some_and(|p| p <= now)
+    }
+
     /// Opaque version tag: the revision plus the creation time, so that a user
     /// re-created under the same name never matches an etag of its predecessor.
     pub fn etag(&self) -> String {
