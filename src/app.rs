@@ -111,7 +111,9 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let service = UserServiceServer::new(UserServiceImpl::new(users))
+    // Raised when the server stops taking calls: open streams end then.
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let service = UserServiceServer::new(UserServiceImpl::new(users.clone(), drain_rx.clone()))
         .max_decoding_message_size(settings.max_request_bytes)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
     info!(%addr, tls = tls.is_some(), auth = auth.enabled(), "serving users.v1.UserService");
@@ -121,7 +123,8 @@ pub async fn serve(
             .tls_config(tls)
             .map_err(|e| format!("cannot use the TLS settings: {e}"))?;
     }
-    let result = builder
+    let mut drained = drain_rx;
+    let server = builder
         .timeout(settings.request_timeout)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .http2_max_header_list_size(HEADER_LIST_BYTES)
@@ -135,14 +138,41 @@ pub async fn serve(
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
-                shutdown.await;
-                info!("shutting down: finishing in-flight requests");
+                let _ = drained.wait_for(|d| *d).await;
             },
-        )
-        .await;
+        );
+    tokio::pin!(server);
+    tokio::pin!(shutdown);
+    // A clean stop: NOT_SERVING at once, calls still taken for the delay,
+    // then no new connections, open streams told to resume elsewhere, and
+    // the calls in flight given the grace period.
+    let result = tokio::select! {
+        r = &mut server => r,
+        () = &mut shutdown => {
+            set_health(&reporter, ServingStatus::NotServing).await;
+            info!(delay = ?settings.shutdown_delay, "shutting down: NOT_SERVING, still serving for the delay");
+            match tokio::time::timeout(settings.shutdown_delay, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let _ = drain_tx.send(true);
+                    info!(grace = ?settings.shutdown_grace, "shutting down: no new connections; finishing calls in flight");
+                    match tokio::time::timeout(settings.shutdown_grace, &mut server).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            warn!("calls still running after the grace period: stopping them");
+                            Ok(())
+                        }
+                    }
+                }
+            }
+        }
+    };
     background.abort();
     set_health(&reporter, ServingStatus::NotServing).await;
     result?;
+    if let Err(e) = users.repository().checkpoint().await {
+        warn!(error = %e, "WAL checkpoint at stop failed");
+    }
     info!("stopped");
     Ok(())
 }

@@ -113,6 +113,17 @@ pub struct Settings {
     #[arg(long, env = "USER_SERVICE_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
     pub request_timeout: Duration,
 
+    /// After SIGTERM/SIGINT: how long the server keeps accepting calls while
+    /// its health already says NOT_SERVING (so load balancers move away).
+    #[arg(long, env = "USER_SERVICE_SHUTDOWN_DELAY", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_delay: Duration,
+
+    /// Then: how long calls in flight may take to finish before the server
+    /// stops anyway. Open streams end at once with UNAVAILABLE and the
+    /// token to resume them.
+    #[arg(long, env = "USER_SERVICE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_grace: Duration,
+
     /// How often the database is probed for the health service.
     #[arg(long, env = "USER_SERVICE_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
     pub health_interval: Duration,

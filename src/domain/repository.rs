@@ -173,4 +173,8 @@ pub trait UserRepository: Send + Sync + 'static {
 
     /// Checks that the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), DomainError>> + Send;
+
+    /// Leaves the database ready for a fast restart, at a clean stop
+    /// (SQLite: the write-ahead log is folded into the file).
+    fn checkpoint(&self) -> impl Future<Output = Result<(), DomainError>> + Send;
 }

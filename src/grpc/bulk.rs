@@ -197,13 +197,29 @@ pub(super) fn export<R: UserRepository>(
     query: UserQuery,
     size: u32,
     mut after: Option<crate::domain::Cursor>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) -> ExportStream {
     let (tx, rx) = mpsc::channel(1);
     spawn_answering(&tx.clone(), async move {
+        // Where a client resumes: after the last message it was sent.
+        let mut resume = after
+            .as_ref()
+            .map(|c| encode_page_token(&query, c))
+            .unwrap_or_default();
+        let stop = |resume: &str| {
+            Err(super::status::shutting_down(&[(
+                "resume_token",
+                resume.to_owned(),
+            )]))
+        };
         loop {
             let read = tokio::select! {
                 r = users.export_batch(&query, size, after.as_ref()) => r,
                 () = tx.closed() => return,
+                () = until_draining(&mut draining) => {
+                    let _ = tx.send(stop(&resume)).await;
+                    return;
+                }
             };
             let (batch, cursor, exhausted) = match read {
                 Ok(r) => r,
@@ -227,11 +243,20 @@ pub(super) fn export<R: UserRepository>(
                 rest = &rest[taken..];
                 let message = pb::StreamUsersResponse {
                     users,
-                    resume_token,
+                    resume_token: resume_token.clone(),
                 };
-                if tx.send(Ok(message)).await.is_err() {
-                    return;
+                tokio::select! {
+                    sent = tx.send(Ok(message)) => {
+                        if sent.is_err() {
+                            return;
+                        }
+                    }
+                    () = until_draining(&mut draining) => {
+                        let _ = tx.send(stop(&resume)).await;
+                        return;
+                    }
                 }
+                resume = resume_token;
             }
             drop(batch);
             if last {
@@ -241,6 +266,13 @@ pub(super) fn export<R: UserRepository>(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Resolves once the server starts stopping (never, if it never does).
+async fn until_draining(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    if rx.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Spawns a task that answers a stream through `tx`. Should it panic, the
@@ -292,12 +324,13 @@ pub(super) fn import<R: UserRepository>(
     users: Arc<Users<R>>,
     caller: Arc<Caller>,
     inbound: Streaming<pb::ImportUsersRequest>,
+    draining: tokio::sync::watch::Receiver<bool>,
 ) -> ImportStream {
     let (acks, rx) = mpsc::channel(4);
     let (chunks, mut todo) = mpsc::channel::<Result<Chunk, Status>>(1);
     spawn_answering(
         &chunks.clone(),
-        read_import(inbound, caller.clone(), chunks),
+        read_import(inbound, caller.clone(), chunks, draining),
     );
     spawn_answering(&acks.clone(), async move {
         let mut log = ImportLog::default();
@@ -420,6 +453,7 @@ async fn read_import(
     mut inbound: Streaming<pb::ImportUsersRequest>,
     caller: Arc<Caller>,
     chunks: mpsc::Sender<Result<Chunk, Status>>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut project: Option<ProjectId> = None;
     let mut next_index: u64 = 0;
@@ -428,7 +462,18 @@ async fn read_import(
         // Wait for the client only when nothing is pending; otherwise a
         // pause of the client commits what it sent so far.
         let message = if pending.is_none() {
-            inbound.message().await
+            tokio::select! {
+                m = inbound.message() => m,
+                // The server is stopping: what came is committed (nothing is
+                // pending here); the client resends the rest elsewhere.
+                () = until_draining(&mut draining) => {
+                    let through = next_index.checked_sub(1).map(|i| i.to_string()).unwrap_or_default();
+                    let _ = chunks
+                        .send(Err(super::status::shutting_down(&[("committed_through", through)])))
+                        .await;
+                    return;
+                }
+            }
         } else {
             match futures_now(inbound.message()) {
                 Some(m) => m,

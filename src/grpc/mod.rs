@@ -32,11 +32,14 @@ pub use pb::user_service_server::UserServiceServer;
 
 pub struct UserServiceImpl<R> {
     users: Arc<Users<R>>,
+    /// Becomes true when the server stops: open streams end with
+    /// UNAVAILABLE and the token to resume them.
+    draining: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<R> UserServiceImpl<R> {
-    pub fn new(users: Arc<Users<R>>) -> Self {
-        Self { users }
+    pub fn new(users: Arc<Users<R>>, draining: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { users, draining }
     }
 }
 
@@ -459,6 +462,7 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
             query,
             size,
             after,
+            self.draining.clone(),
         )))
     }
 
@@ -489,6 +493,7 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
             self.users.clone(),
             caller,
             request.into_inner(),
+            self.draining.clone(),
         )))
     }
 }

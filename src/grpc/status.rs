@@ -323,3 +323,21 @@ pub fn from_transport(s: Status) -> Status {
     };
     status(s.code(), s.message().to_owned(), info(reason, &[]))
 }
+
+/// The server is stopping: an open stream ends with UNAVAILABLE, and the
+/// details say where to pick up on another replica (ErrorInfo metadata
+/// `resume_token` for StreamUsers, `committed_through` for ImportUsers).
+pub fn shutting_down(resume: &[(&str, String)]) -> Status {
+    let md: Vec<(&str, String)> = resume
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .cloned()
+        .collect();
+    let mut d = info("SHUTTING_DOWN", &md);
+    d.set_retry_info(Some(std::time::Duration::from_millis(100)));
+    status(
+        Code::Unavailable,
+        "the server is shutting down; resume on another replica from the details",
+        d,
+    )
+}

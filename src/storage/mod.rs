@@ -735,6 +735,16 @@ impl UserRepository for SeaOrmRepository {
     async fn ping(&self) -> Result<(), DomainError> {
         self.db.ping().await.map_err(db_error)
     }
+
+    async fn checkpoint(&self) -> Result<(), DomainError> {
+        if self.db.get_database_backend() == DatabaseBackend::Sqlite {
+            self.db
+                .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(())
+    }
 }
 
 /// Maps a database error to the domain: constraint violations become conflicts,

@@ -220,6 +220,8 @@ impl TestServer {
     pub async fn start_on(db: TestDb, tweak: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = Settings::for_database(db.url.clone());
         settings.db_max_connections = 8;
+        // No load balancer to warn: stop at once.
+        settings.shutdown_delay = Duration::ZERO;
         tweak(&mut settings);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
