@@ -45,11 +45,16 @@ pub async fn open_database(settings: &Settings) -> Result<SeaOrmRepository, BoxE
         admin.close().await.ok();
         // A statement may run as long as a call may, and a little more.
         let limit = settings.request_timeout + std::time::Duration::from_secs(5);
-        storage::connect_with(url, settings.db_max_connections, Some(limit))
-            .await
-            .map_err(|e| format!("cannot open the database: {e}"))?
+        storage::connect_with(
+            url,
+            settings.db_max_connections,
+            Some(limit),
+            settings.db_timeout,
+        )
+        .await
+        .map_err(|e| format!("cannot open the database: {e}"))?
     } else {
-        let db = storage::connect(url, settings.db_max_connections)
+        let db = storage::connect_with(url, settings.db_max_connections, None, settings.db_timeout)
             .await
             .map_err(|e| format!("cannot open the database: {e}"))?;
         storage::migrate(&db)
@@ -264,7 +269,16 @@ async fn watch_database<R: UserRepository>(
     loop {
         interval.tick().await;
         ticks += 1;
-        let up = users.repository().ping().await.is_ok();
+        // A database that does not answer within the interval is down (a
+        // ping to a stopped server can otherwise wait for the TCP timeout).
+        let probe = every.clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(1),
+        );
+        let up = matches!(
+            tokio::time::timeout(probe, users.repository().ping()).await,
+            Ok(Ok(()))
+        );
         if up != serving {
             serving = up;
             if up {

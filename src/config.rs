@@ -105,6 +105,11 @@ pub struct Settings {
     )]
     pub db_max_connections: u32,
 
+    /// How long connecting to the database, or waiting for a free pooled
+    /// connection, may take before a call fails with UNAVAILABLE.
+    #[arg(long, env = "USER_SERVICE_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub db_timeout: Duration,
+
     /// How long a soft-deleted user is kept before it is purged (e.g. 30d, 12h).
     #[arg(long, env = "USER_SERVICE_DELETE_RETENTION", default_value = "30d", value_parser = humantime::parse_duration, global = true)]
     pub delete_retention: Duration,
@@ -125,7 +130,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
 
     /// How often the database is probed for the health service.
-    #[arg(long, env = "USER_SERVICE_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "USER_SERVICE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
     pub health_interval: Duration,
 
     /// HS256 tokens: a file holding the shared secret (trailing whitespace

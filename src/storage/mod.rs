@@ -40,16 +40,22 @@ const REQUEST_ID_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Opens a pool. SQLite files are created when missing and run in WAL mode with
 /// a busy timeout and foreign keys on.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
-    connect_with(url, max_connections, None).await
+    connect_with(url, max_connections, None, DEFAULT_DB_TIMEOUT).await
 }
+
+/// How long a connection attempt or the wait for a free pool connection may
+/// take before the call fails with UNAVAILABLE.
+pub const DEFAULT_DB_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// As `connect`; on PostgreSQL every statement of the pool is cancelled by
 /// the server after `statement_timeout`, so a query whose caller gave up
-/// does not run on.
+/// does not run on. Connecting and waiting for a pool connection give up
+/// after `db_timeout` (the call then fails with UNAVAILABLE).
 pub async fn connect_with(
     url: &str,
     max_connections: u32,
     statement_timeout: Option<Duration>,
+    db_timeout: Duration,
 ) -> Result<DatabaseConnection, DbErr> {
     let timeout_ms = statement_timeout
         .map_or(0, |t| t.as_millis().max(1))
@@ -57,8 +63,8 @@ pub async fn connect_with(
     let mut opts = ConnectOptions::new(url.to_owned());
     opts.max_connections(max_connections)
         .min_connections(1)
-        .connect_timeout(Duration::from_secs(5))
-        .acquire_timeout(Duration::from_secs(5))
+        .connect_timeout(db_timeout)
+        .acquire_timeout(db_timeout)
         .sqlx_logging(false)
         // A ping before every checkout costs a round trip per query; a dead
         // connection shows up as an error on use instead, and the pool drops it.

@@ -332,13 +332,20 @@ async fn health_follows_the_database_and_rpcs_say_unavailable() {
     let mut proxy = Proxy::start(0, upstream.clone()).await;
     url.set_port(Some(proxy.port)).unwrap();
     db.url = url.to_string();
-    let s = TestServer::start_on(db, |st| st.health_interval = Duration::from_millis(100)).await;
+    // The defaults of health probing; a short wait for connections.
+    let s = TestServer::start_on(db, |st| st.db_timeout = Duration::from_secs(1)).await;
     let mut c = s.client();
     let u = create(&mut c, user("outage@example.com")).await;
 
     proxy.cut().await;
+    let cut = Instant::now();
     wait_health(&s, ServingStatus::NotServing).await;
+    let noticed = cut.elapsed();
+    eprintln!("NOT_SERVING {noticed:?} after the database went away");
+    assert!(noticed < Duration::from_millis(2500), "{noticed:?}");
+    let t = Instant::now();
     let st = get(&mut c, &u.name).await.expect_err("database is down");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert_eq!(st.code(), Code::Unavailable, "{st:?}");
     assert_eq!(reason(&st), "DATABASE_UNAVAILABLE");
     assert!(
