@@ -92,7 +92,7 @@ pub async fn serve(
     let repo = open_database(&settings).await?;
     let users = Arc::new(Users::new(repo, settings.delete_retention));
 
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (mut reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::Serving).await;
 
     let background = tokio::spawn(watch_database(
@@ -154,12 +154,18 @@ pub async fn serve(
     let result = tokio::select! {
         r = &mut server => r,
         () = &mut shutdown => {
+            // The prober must not turn health back to SERVING meanwhile.
+            background.abort();
             set_health(&reporter, ServingStatus::NotServing).await;
             info!(delay = ?settings.shutdown_delay, "shutting down: NOT_SERVING, still serving for the delay");
             match tokio::time::timeout(settings.shutdown_delay, &mut server).await {
                 Ok(r) => r,
                 Err(_) => {
                     let _ = drain_tx.send(true);
+                    // Health Watch streams end too (they would hold the
+                    // grace period open).
+                    reporter.clear_service_status("").await;
+                    reporter.clear_service_status(SERVICE_NAME).await;
                     info!(grace = ?settings.shutdown_grace, "shutting down: no new connections; finishing calls in flight");
                     match tokio::time::timeout(settings.shutdown_grace, &mut server).await {
                         Ok(r) => r,

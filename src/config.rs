@@ -126,7 +126,7 @@ pub struct Settings {
     /// Then: how long calls in flight may take to finish before the server
     /// stops anyway. Open streams end at once with UNAVAILABLE and the
     /// token to resume them.
-    #[arg(long, env = "USER_SERVICE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "USER_SERVICE_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
 
     /// How often the database is probed for the health service.

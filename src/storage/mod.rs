@@ -86,7 +86,8 @@ pub async fn connect_with(
         .map_sqlx_postgres_pool_opts(|o| {
             o.after_connect(|_conn, _meta| {
                 Box::pin(async {
-                    nodelay::set_on_tcp_sockets();
+                    // Reads /proc: off the async workers.
+                    let _ = tokio::task::spawn_blocking(nodelay::set_on_tcp_sockets).await;
                     Ok(())
                 })
             })
@@ -657,10 +658,16 @@ impl UserRepository for SeaOrmRepository {
 
     async fn refresh_statistics(&self) -> Result<(), DomainError> {
         if self.db.get_database_backend() == DatabaseBackend::Postgres {
-            self.db
-                .execute_unprepared("ANALYZE users, user_terms")
+            // Statistics of a large table may take longer than any call:
+            // no statement timeout for this one.
+            let txn = self.db.begin().await.map_err(db_error)?;
+            txn.execute_unprepared("SET LOCAL statement_timeout = 0")
                 .await
                 .map_err(db_error)?;
+            txn.execute_unprepared("ANALYZE users, user_terms")
+                .await
+                .map_err(db_error)?;
+            txn.commit().await.map_err(db_error)?;
         }
         Ok(())
     }
@@ -771,8 +778,10 @@ pub(crate) fn db_error(e: DbErr) -> DomainError {
                 // SQLite "database is locked" after the busy timeout.
                 sqlx::Error::Database(d) => {
                     matches!(d.code().as_deref(), Some("5" | "6" | "261" | "517"))
-                        || d.code()
-                            .is_some_and(|c| c.starts_with("08") || c == "57P01")
+                        || d.code().is_some_and(|c| {
+                            // 57014: cancelled by statement_timeout.
+                            c.starts_with("08") || c == "57P01" || c == "57014"
+                        })
                 }
                 _ => false,
             }

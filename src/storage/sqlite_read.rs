@@ -10,6 +10,7 @@
 //! that is cancelled (the client went away, its deadline passed) interrupts
 //! its statement. Writes stay on sea-orm.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,16 +58,31 @@ pub(crate) struct SqliteReaders {
 /// interrupt never reaches the next call's statement.
 type Interrupt = Arc<Mutex<Option<InterruptHandle>>>;
 
-/// Interrupts the statement of a call that is dropped before it finished.
-struct InterruptOnDrop(Interrupt);
+/// Stops the work of a call that is dropped before it finished: marks it
+/// cancelled (checked before it starts and, through a progress handler,
+/// while it runs: SQLite forgets an interrupt that arrives before the
+/// statement's first step) and interrupts the running statement.
+struct InterruptOnDrop {
+    interrupt: Interrupt,
+    cancelled: Arc<AtomicBool>,
+}
 
 impl Drop for InterruptOnDrop {
     fn drop(&mut self) {
-        if let Some(h) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        self.cancelled.store(true, Ordering::Relaxed);
+        if let Some(h) = self
+            .interrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             h.interrupt();
         }
     }
 }
+
+/// SQLite virtual-machine steps between two looks at the cancel flag.
+const PROGRESS_STEPS: i32 = 10_000;
 
 /// A borrowed connection: goes back to the pool (with its permit) however
 /// the call ends, panics included.
@@ -144,7 +160,11 @@ impl SqliteReaders {
             .pop()
             .ok_or_else(closed)?;
         let interrupt: Interrupt = Arc::new(Mutex::new(Some(conn.get_interrupt_handle())));
-        let _guard = InterruptOnDrop(interrupt.clone());
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let _guard = InterruptOnDrop {
+            interrupt: interrupt.clone(),
+            cancelled: cancelled.clone(),
+        };
         let lent = Lent {
             conn: Some(conn),
             pool: self.clone(),
@@ -154,7 +174,20 @@ impl SqliteReaders {
         permit.forget();
         tokio::task::spawn_blocking(move || {
             let conn = lent.conn.as_ref().ok_or_else(closed)?;
-            f(conn)
+            let stop = || {
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERRUPT),
+                    Some("the call was cancelled".into()),
+                )
+            };
+            if cancelled.load(Ordering::Relaxed) {
+                return Err(stop());
+            }
+            let flag = cancelled.clone();
+            conn.progress_handler(PROGRESS_STEPS, Some(move || flag.load(Ordering::Relaxed)))?;
+            let out = f(conn);
+            conn.progress_handler(0, None::<fn() -> bool>)?;
+            out
         })
         .await
         .map_err(|e| rusqlite::Error::InvalidParameterName(format!("reader task: {e}")))?

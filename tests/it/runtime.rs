@@ -115,20 +115,35 @@ async fn a_count_whose_caller_gives_up_stops() {
     let s = TestServer::start(Engine::Sqlite).await;
     let mut c = s.client();
     let probe = seed(&mut c).await;
-    let t = Instant::now();
-    count(&mut c).await;
-    let one_count = t.elapsed();
-    // Deadlines far shorter than a count: each call fails with
-    // DEADLINE_EXCEEDED (or CANCELLED) and its query is interrupted, so the
-    // readers are free again right away.
-    for _ in 0..32 {
+    // Forty substring tests per user: a count that takes a while.
+    let heavy: String = (0..40)
+        .map(|d| format!("display_name = \"*{}*\"", 1000 + d * 7))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let heavy_count = |deadline: Option<Duration>| {
         let mut req = tonic::Request::new(pb::CountUsersRequest {
             parent: PROJECT.into(),
-            filter: SLOW.into(),
+            filter: heavy.clone(),
             ..Default::default()
         });
-        req.set_timeout(Duration::from_millis(1));
-        let st = c.count_users(req).await.unwrap_err();
+        if let Some(d) = deadline {
+            req.set_timeout(d);
+        }
+        req
+    };
+    let t = Instant::now();
+    c.count_users(heavy_count(None)).await.expect("count");
+    let one = t.elapsed();
+    // As many abandoned counts as there are readers, each given up a fifth
+    // of the way in: interrupted, they free their readers at once.
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let mut c = s.client();
+        let req = heavy_count(Some(one / 5));
+        calls.push(tokio::spawn(async move { c.count_users(req).await }));
+    }
+    for call in calls {
+        let st = call.await.unwrap().unwrap_err();
         assert!(
             matches!(
                 st.code(),
@@ -137,14 +152,15 @@ async fn a_count_whose_caller_gives_up_stops() {
             "{st:?}"
         );
     }
-    // Had the 32 counts run on, the next one would queue behind them.
+    // Had they run on, this count would first wait most of `one` for a
+    // reader.
     let t = Instant::now();
-    count(&mut c).await;
+    c.count_users(heavy_count(None)).await.expect("count");
     let after = t.elapsed();
-    eprintln!("one count {one_count:?}; after 32 abandoned ones {after:?}");
+    eprintln!("one heavy count {one:?}; right after 4 abandoned ones {after:?}");
     assert!(
-        after < one_count * 4,
-        "abandoned counts kept running: {after:?} vs {one_count:?}"
+        after < one + one / 2,
+        "abandoned counts kept running: {after:?} vs {one:?}"
     );
     get(&mut c, &probe).await.expect("get");
 }
