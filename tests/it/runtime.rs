@@ -49,10 +49,10 @@ async fn point_reads_and_health_answer_while_counts_saturate(e: Engine) {
     let one_count = t.elapsed();
     assert!(want > 0);
 
-    // 24 callers counting in a loop: far more than there are readers.
+    // 32 callers counting in a loop: far more than there are readers.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut counters = Vec::new();
-    for _ in 0..24 {
+    for _ in 0..32 {
         let mut c = s.client();
         let stop = stop.clone();
         counters.push(tokio::spawn(async move {
@@ -66,14 +66,14 @@ async fn point_reads_and_health_answer_while_counts_saturate(e: Engine) {
         }));
     }
     tokio::time::sleep(one_count * 2).await;
-    let mut worst_get = Duration::ZERO;
-    let mut worst_health = Duration::ZERO;
+    let mut gets = Vec::new();
+    let mut healths = Vec::new();
     let mut health = HealthClient::new(s.channel.clone());
     let until = Instant::now() + (one_count * 12).max(Duration::from_secs(2));
     while Instant::now() < until {
         let t = Instant::now();
         get(&mut c, &probe).await.expect("get");
-        worst_get = worst_get.max(t.elapsed());
+        gets.push(t.elapsed());
         let t = Instant::now();
         let h = health
             .check(HealthCheckRequest {
@@ -82,7 +82,7 @@ async fn point_reads_and_health_answer_while_counts_saturate(e: Engine) {
             .await
             .expect("health");
         assert_eq!(h.into_inner().status, 1);
-        worst_health = worst_health.max(t.elapsed());
+        healths.push(t.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -90,19 +90,34 @@ async fn point_reads_and_health_answer_while_counts_saturate(e: Engine) {
     for t in counters {
         slowest_count = slowest_count.max(t.await.unwrap());
     }
+    gets.sort();
+    healths.sort();
+    let (median_get, worst_get) = (gets[gets.len() / 2], gets[gets.len() - 1]);
+    let (median_health, worst_health) = (healths[healths.len() / 2], healths[healths.len() - 1]);
     eprintln!(
         "one count {one_count:?}; under load: slowest count {slowest_count:?}, \
-         worst GetUser {worst_get:?}, worst health {worst_health:?}"
+         GetUser median {median_get:?} worst {worst_get:?}, \
+         health median {median_health:?} worst {worst_health:?}"
     );
     // The counts queued behind each other (the readers were saturated) ...
     assert!(slowest_count > one_count * 4, "the counts never queued");
-    // ... yet a point read and a health check never waited for them.
+    // ... yet point reads and health checks did not wait for them: they
+    // share only the CPU (two cores, tests running beside this one), never
+    // the queue, so none waits as long as a queued count.
     assert!(
-        worst_get < slowest_count / 2,
+        median_get * 4 < slowest_count,
         "GetUser waited behind the counts"
     );
     assert!(
-        worst_health < slowest_count / 2,
+        worst_get * 4 < slowest_count * 3,
+        "GetUser waited behind the counts"
+    );
+    assert!(
+        median_health * 4 < slowest_count,
+        "health waited behind the counts"
+    );
+    assert!(
+        worst_health * 4 < slowest_count * 3,
         "health waited behind the counts"
     );
 }
