@@ -456,7 +456,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 /// client error within 2 s, and the server's peak memory barely moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_leave_server_memory_flat() {
-    use crate::server::{BIN, free_port, healthcheck};
+    use crate::server::{BIN, connect_to, free_port, wait_healthy};
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let mut child = std::process::Command::new(BIN)
@@ -468,16 +468,8 @@ async fn hostile_requests_leave_server_memory_flat() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !healthcheck(&addr) {
-        assert!(start.elapsed() < Duration::from_secs(20), "never served");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    wait_healthy(&addr);
+    let channel = connect_to(&addr).await;
     let mut c = pb::user_service_client::UserServiceClient::new(channel.clone());
     let u = c
         .create_user(pb::CreateUserRequest {

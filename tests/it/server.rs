@@ -142,6 +142,27 @@ pub fn healthcheck(addr: &str) -> bool {
         .success()
 }
 
+/// Waits (at most 20 s) until the server at `addr` answers SERVING.
+pub fn wait_healthy(addr: &str) {
+    let start = Instant::now();
+    while !healthcheck(addr) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{addr} never became healthy"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A plaintext channel to a server started as a process.
+pub async fn connect_to(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
+}
+
 /// The binary as an operator runs it: JSON logs with one line per RPC that
 /// carries method, project and code but no personal data; the healthcheck
 /// subcommand; a clean exit on SIGTERM.
@@ -160,14 +181,7 @@ async fn binary_logs_without_personal_data_and_stops_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !healthcheck(&addr) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "never became healthy"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_healthy(&addr);
     // The embedded default: a SQLite file in the working directory.
     assert!(dir.path().join("user-service.db").exists());
 
@@ -397,11 +411,7 @@ fn no_auth_serves_loopback_only() {
         .spawn()
         .unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let start = Instant::now();
-    while !healthcheck(&addr) {
-        assert!(start.elapsed() < Duration::from_secs(20), "never served");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_healthy(&addr);
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -438,16 +448,8 @@ async fn writes_leave_an_audit_trail() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !healthcheck(&addr) {
-        assert!(start.elapsed() < Duration::from_secs(20), "never healthy");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    wait_healthy(&addr);
+    let channel = connect_to(&addr).await;
     let token = keys.token_as("billing-svc", &["auditco"], "users.read users.write");
     let mut c = pb::user_service_client::UserServiceClient::with_interceptor(
         channel,
@@ -513,11 +515,7 @@ async fn writes_leave_an_audit_trail() {
     assert_eq!(refused.code(), Code::PermissionDenied);
     // With it, each committed chunk is recorded.
     let admin = keys.token_as("importer", &["auditco"], "users.admin");
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect_to(&addr).await;
     let mut a = pb::user_service_client::UserServiceClient::with_interceptor(
         channel,
         Bearer::new(Some(&admin)),
@@ -587,16 +585,8 @@ async fn sigterm_drains_and_streams_resume_elsewhere() {
     };
     let addr = format!("127.0.0.1:{}", free_port());
     let child = spawn(&addr);
-    let start = Instant::now();
-    while !healthcheck(&addr) {
-        assert!(start.elapsed() < Duration::from_secs(20), "never served");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    wait_healthy(&addr);
+    let channel = connect_to(&addr).await;
     let mut c = pb::user_service_client::UserServiceClient::new(channel.clone());
     // 4000 users of 8 KB: far more than flow control and socket buffers
     // let the server send ahead of a client that stops reading.
