@@ -229,12 +229,12 @@ pub(super) fn export<R: UserRepository>(
                 }
             };
             let Some(cursor) = cursor else { return };
-            let last = exhausted;
             // A batch larger than one message allows goes out in several,
             // each resumable after its own last user.
             let mut rest = &batch[..];
             while !rest.is_empty() {
-                let (users, taken) = fit_page(rest);
+                let users = fit_page(rest);
+                let taken = users.len();
                 let resume_token = if taken == rest.len() {
                     encode_page_token(&query, &cursor)
                 } else {
@@ -259,7 +259,7 @@ pub(super) fn export<R: UserRepository>(
                 resume = resume_token;
             }
             drop(batch);
-            if last {
+            if exhausted {
                 return;
             }
             after = Some(cursor);

@@ -57,8 +57,8 @@ pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 pub const PAGE_BYTES: usize = MAX_RESPONSE_BYTES - 64 * 1024;
 
 /// Users as protos, cut so that their encoding stays within `PAGE_BYTES`
-/// (always at least one). The second value is how many were taken.
-pub(crate) fn fit_page(users: &[crate::domain::User]) -> (Vec<pb::User>, usize) {
+/// (always at least one): the first `len()` of `users`.
+pub(crate) fn fit_page(users: &[crate::domain::User]) -> Vec<pb::User> {
     use prost::Message;
     let mut out = Vec::with_capacity(users.len());
     let mut bytes = 0;
@@ -72,8 +72,7 @@ pub(crate) fn fit_page(users: &[crate::domain::User]) -> (Vec<pb::User>, usize) 
         bytes += n;
         out.push(p);
     }
-    let taken = out.len();
-    (out, taken)
+    out
 }
 
 /// What a request handler that panicked answers (the connection and the
@@ -522,7 +521,8 @@ impl<R: UserRepository> UserServiceImpl<R> {
     /// A page cut to the response budget; when users were left out, the
     /// token resumes right after the last one sent.
     fn fit(&self, query: &UserQuery, page: crate::domain::Page) -> (Vec<pb::User>, String) {
-        let (users, taken) = fit_page(&page.users);
+        let users = fit_page(&page.users);
+        let taken = users.len();
         if taken == page.users.len() {
             return (users, page.next_page_token);
         }
