@@ -18,6 +18,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::auth::AuthLayer;
 use crate::config::Settings;
 use crate::domain::{UserRepository, Users};
+use crate::grpc::overload::{Limits, LoadShedLayer};
 use crate::grpc::trace::RpcTraceLayer;
 use crate::grpc::{MAX_RESPONSE_BYTES, UserServiceImpl, UserServiceServer, panic_response};
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -88,6 +89,9 @@ pub async fn serve(
     let auth = settings.auth();
     check_exposure(addr, auth.enabled(), settings.insecure_no_auth)?;
     let tls = tls_config(&settings)?;
+    if let Some(metrics) = settings.metrics_listen {
+        crate::metrics::install(metrics)?;
+    }
     let verifier = auth.verifier().await?;
     let repo = open_database(&settings).await?;
     let users = Arc::new(Users::new(repo, settings.delete_retention));
@@ -95,11 +99,13 @@ pub async fn serve(
     let (mut reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::Serving).await;
 
-    let background = tokio::spawn(watch_database(
+    let prober = tokio::spawn(watch_database(
         users.clone(),
         reporter.clone(),
         settings.health_interval,
     ));
+    let purger = tokio::spawn(purge_loop(users.clone(), settings.purge_interval));
+    let background = Background(vec![prober.abort_handle(), purger.abort_handle()]);
 
     // Reflection knows the error detail types too, so tools such as grpcurl
     // can decode google.rpc.BadRequest and friends.
@@ -133,7 +139,7 @@ pub async fn serve(
         .timeout(settings.request_timeout)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .http2_max_header_list_size(HEADER_LIST_BYTES)
-        .layer(layers(verifier))
+        .layer(layers(verifier, settings.call_limits()))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -188,18 +194,38 @@ pub async fn serve(
     Ok(())
 }
 
+/// Background tasks of one server, stopped when it stops.
+struct Background(Vec<tokio::task::AbortHandle>);
+
+impl Background {
+    fn abort(&self) {
+        self.0.iter().for_each(tokio::task::AbortHandle::abort);
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
 type PanicHandler = fn(Box<dyn std::any::Any + Send>) -> http::Response<tonic::body::Body>;
 
 /// The layers in front of every service.
-pub type Layers =
-    Stack<AuthLayer, Stack<CatchPanicLayer<PanicHandler>, Stack<RpcTraceLayer, NoLayer>>>;
+pub type Layers = Stack<
+    AuthLayer,
+    Stack<LoadShedLayer, Stack<CatchPanicLayer<PanicHandler>, Stack<RpcTraceLayer, NoLayer>>>,
+>;
 
-/// Outermost first: the trace sees every outcome, a panic anywhere below
-/// answers INTERNAL, and only authenticated calls reach a service.
-pub fn layers(verifier: Option<Arc<crate::auth::Verifier>>) -> Layers {
+/// Outermost first: the trace sees every outcome (and counts it in the
+/// metrics), a panic anywhere below answers INTERNAL, calls beyond the
+/// server's capacity are shed before any work is spent on them, and only
+/// authenticated calls reach a service.
+pub fn layers(verifier: Option<Arc<crate::auth::Verifier>>, limits: Limits) -> Layers {
     tower::ServiceBuilder::new()
         .layer(RpcTraceLayer)
         .layer(CatchPanicLayer::custom(panic_response as PanicHandler))
+        .layer(LoadShedLayer::new(limits))
         .layer(AuthLayer::new(verifier))
         .into_inner()
 }
@@ -260,21 +286,17 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status(SERVICE_NAME, status).await;
 }
 
-/// Probes the database: NOT_SERVING while it does not answer. Also purges
-/// soft-deleted users whose retention has run out, about once a minute.
+/// Probes the database: NOT_SERVING while it does not answer.
 async fn watch_database<R: UserRepository>(
     users: Arc<Users<R>>,
     reporter: HealthReporter,
     every: std::time::Duration,
 ) {
     let mut serving = true;
-    let mut ticks: u64 = 0;
-    let purge_every = (60 / every.as_secs().max(1)).max(1);
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        ticks += 1;
         // A database that does not answer within the interval is down (a
         // ping to a stopped server can otherwise wait for the TCP timeout).
         let probe = every.clamp(
@@ -295,12 +317,27 @@ async fn watch_database<R: UserRepository>(
                 set_health(&reporter, ServingStatus::NotServing).await;
             }
         }
-        if up && ticks.is_multiple_of(purge_every) {
-            match users.purge_expired().await {
-                Ok(0) => {}
-                Ok(n) => info!(purged = n, "purged soft-deleted users past retention"),
-                Err(e) => warn!(error = %e, "purge failed"),
+        crate::metrics::database_up(up);
+        users.repository().report_pool_use();
+    }
+}
+
+/// Erases soft-deleted users whose retention has run out, every `every`.
+/// Replicas may purge at the same time: each user is deleted in a statement
+/// that re-checks its purge time, so only one of them counts it.
+async fn purge_loop<R: UserRepository>(users: Arc<Users<R>>, every: std::time::Duration) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        match users.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => {
+                crate::metrics::purged(n);
+                info!(purged = n, "purged soft-deleted users past retention");
             }
+            Err(e) => warn!(error = %e, "purge failed"),
         }
     }
 }

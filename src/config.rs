@@ -204,6 +204,41 @@ pub struct Settings {
         global = true
     )]
     pub max_concurrent_streams: u32,
+
+    /// Most UserService calls the server works on at once; more wait in a
+    /// queue (see --max-queued-calls). Health and reflection are not counted.
+    #[arg(
+        long,
+        env = "USER_SERVICE_MAX_IN_FLIGHT",
+        default_value_t = 128,
+        value_parser = clap::value_parser!(u32).range(1..),
+        global = true
+    )]
+    pub max_in_flight: u32,
+
+    /// Most calls waiting for one of the --max-in-flight slots; a call that
+    /// finds the queue full, or waits longer than --max-queue-wait, is
+    /// refused at once with RESOURCE_EXHAUSTED (reason OVERLOADED).
+    #[arg(
+        long,
+        env = "USER_SERVICE_MAX_QUEUED_CALLS",
+        default_value_t = 512,
+        global = true
+    )]
+    pub max_queued_calls: u32,
+
+    /// Longest a call waits in the queue before it is refused as OVERLOADED.
+    #[arg(long, env = "USER_SERVICE_MAX_QUEUE_WAIT", default_value = "500ms", value_parser = humantime::parse_duration, global = true)]
+    pub max_queue_wait: Duration,
+
+    /// Serve Prometheus metrics on this address (http://ADDR/metrics); off
+    /// when unset.
+    #[arg(long, env = "USER_SERVICE_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// How often soft-deleted users past their retention are purged.
+    #[arg(long, env = "USER_SERVICE_PURGE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub purge_interval: Duration,
 }
 
 impl Settings {
@@ -216,6 +251,15 @@ impl Settings {
             issuer: self.auth_issuer.clone(),
             audience: self.auth_audience.clone(),
             leeway: self.auth_leeway,
+        }
+    }
+
+    /// The load-shedding limits.
+    pub fn call_limits(&self) -> crate::grpc::overload::Limits {
+        crate::grpc::overload::Limits {
+            max_in_flight: self.max_in_flight as usize,
+            max_queued: self.max_queued_calls as usize,
+            max_wait: self.max_queue_wait,
         }
     }
 

@@ -135,7 +135,9 @@ pub enum DomainError {
     NotDeleted(UserName),
     #[error("etag mismatch")]
     EtagMismatch,
-    #[error("the user kept changing concurrently; retry")]
+    /// The write met a concurrent one (also a database deadlock or
+    /// serialization failure) and was rolled back.
+    #[error("a concurrent change conflicted with this one; retry")]
     ConcurrentModification,
     #[error("user {0} is deleted")]
     UserDeleted(UserName),

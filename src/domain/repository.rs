@@ -177,4 +177,7 @@ pub trait UserRepository: Send + Sync + 'static {
     /// Leaves the database ready for a fast restart, at a clean stop
     /// (SQLite: the write-ahead log is folded into the file).
     fn checkpoint(&self) -> impl Future<Output = Result<(), DomainError>> + Send;
+
+    /// Publishes how much of its connection pools is in use (metrics).
+    fn report_pool_use(&self) {}
 }

@@ -250,6 +250,7 @@ pub(super) fn export<R: UserRepository>(
                         if sent.is_err() {
                             return;
                         }
+                        crate::metrics::exported(taken as u64);
                     }
                     () = until_draining(&mut draining) => {
                         let _ = tx.send(stop(&resume)).await;
@@ -379,6 +380,11 @@ pub(super) fn import<R: UserRepository>(
             let failed = ack.is_err();
             if let Ok(a) = &ack {
                 unanalyzed += a.created_count;
+                let settled = last.saturating_sub(first) + 1;
+                crate::metrics::imported(
+                    a.created_count as u64,
+                    settled.saturating_sub(a.created_count as u64),
+                );
             }
             if unanalyzed >= ANALYZE_EVERY {
                 users.refresh_statistics().await;

@@ -5,6 +5,7 @@ pub mod audit;
 mod bulk;
 pub mod codec;
 pub mod convert;
+pub mod overload;
 pub mod status;
 pub mod trace;
 pub mod wire_budget;
@@ -650,15 +651,17 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_handler_answers_internal() {
         use tower::Layer;
-        let svc = crate::app::layers(None).layer(tower::service_fn(
-            |_req: http::Request<()>| async move {
-                let phone = "+0";
-                if !phone.is_empty() {
-                    panic!("the parser fell over");
-                }
-                Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
-            },
-        ));
+        let svc = crate::app::layers(
+            None,
+            crate::config::Settings::for_database("sqlite::memory:").call_limits(),
+        )
+        .layer(tower::service_fn(|_req: http::Request<()>| async move {
+            let phone = "+0";
+            if !phone.is_empty() {
+                panic!("the parser fell over");
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        }));
         let req = http::Request::builder()
             .uri("/users.v1.UserService/GetUser")
             .body(())

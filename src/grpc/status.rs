@@ -173,7 +173,7 @@ impl From<DomainError> for Status {
             ),
             DomainError::ConcurrentModification => status(
                 Code::Aborted,
-                "the user kept changing concurrently; retry",
+                "a concurrent change conflicted with this one; nothing was stored; retry",
                 info("CONCURRENT_MODIFICATION", &[]),
             ),
             DomainError::UserDeleted(name) => {
@@ -338,6 +338,17 @@ pub fn shutting_down(resume: &[(&str, String)]) -> Status {
     status(
         Code::Unavailable,
         "the server is shutting down; resume on another replica from the details",
+        d,
+    )
+}
+
+/// A call refused because the server is at capacity.
+pub fn overloaded() -> Status {
+    let mut d = info("OVERLOADED", &[]);
+    d.set_retry_info(Some(std::time::Duration::from_millis(100)));
+    status(
+        Code::ResourceExhausted,
+        "the server is at capacity; retry with backoff, preferably on another replica",
         d,
     )
 }

@@ -1,5 +1,6 @@
 //! One span per RPC with the method, the project (recorded by the handler),
-//! the status code and the latency.
+//! the status code its client received and the latency, logged and counted
+//! in the metrics when the response's last frame (its trailers) is sent.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,6 +10,8 @@ use std::time::Instant;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::{Level, Span, field::Empty};
+
+use crate::metrics::RpcLabels;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RpcTraceLayer;
@@ -30,7 +33,7 @@ impl<S, B, RB> Service<http::Request<B>> for RpcTrace<S>
 where
     S: Service<http::Request<B>, Response = http::Response<RB>>,
 {
-    type Response = S::Response;
+    type Response = http::Response<RpcBody<RB>>;
     type Error = S::Error;
     type Future = RpcTraceFuture<S::Future>;
 
@@ -47,15 +50,45 @@ where
         } else {
             tracing::info_span!("rpc", method = %method, caller = Empty, project = Empty, code = Empty, latency_ms = Empty)
         };
+        let labels = RpcLabels::of_path(&method);
+        crate::metrics::rpc_started(&labels);
         let inner = {
             let _entered = span.enter();
             self.inner.call(req)
         };
         RpcTraceFuture {
             inner,
-            span,
-            start: Instant::now(),
-            quiet,
+            end: Some(RpcEnd {
+                span,
+                start: Instant::now(),
+                quiet,
+                labels,
+            }),
+        }
+    }
+}
+
+/// What is reported when an RPC ends: once, with the code its client got.
+struct RpcEnd {
+    span: Span,
+    start: Instant,
+    quiet: bool,
+    labels: RpcLabels,
+}
+
+impl RpcEnd {
+    fn finish(self, code: tonic::Code) {
+        let latency = self.start.elapsed();
+        let latency_ms = latency.as_secs_f64() * 1000.0;
+        crate::metrics::rpc_finished(&self.labels, code, latency);
+        let code = format!("{code:?}");
+        self.span.record("code", code.as_str());
+        self.span.record("latency_ms", latency_ms);
+        let _entered = self.span.enter();
+        if self.quiet {
+            tracing::event!(Level::DEBUG, code, latency_ms, "rpc finished");
+        } else {
+            tracing::event!(Level::INFO, code, latency_ms, "rpc finished");
         }
     }
 }
@@ -64,9 +97,16 @@ pin_project! {
     pub struct RpcTraceFuture<F> {
         #[pin]
         inner: F,
-        span: Span,
-        start: Instant,
-        quiet: bool,
+        end: Option<RpcEnd>,
+    }
+
+    impl<F> PinnedDrop for RpcTraceFuture<F> {
+        // Dropped before it answered: the client went away.
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(end) = this.project().end.take() {
+                end.finish(tonic::Code::Cancelled);
+            }
+        }
     }
 }
 
@@ -74,38 +114,113 @@ impl<F, RB, E> Future for RpcTraceFuture<F>
 where
     F: Future<Output = Result<http::Response<RB>, E>>,
 {
-    type Output = F::Output;
+    type Output = Result<http::Response<RpcBody<RB>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let _entered = this.span.enter();
-        let mut out = std::task::ready!(this.inner.poll(cx));
-        if let Ok(resp) = &mut out {
-            restate_decode_error(resp.headers_mut());
-        }
-        let latency_ms = this.start.elapsed().as_secs_f64() * 1000.0;
-        // A failed unary call is a trailers-only response: the code is in the
-        // headers. Success codes travel in the trailers, after the body.
-        let code = match &out {
-            Ok(resp) => resp
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok())
-                .map(tonic::Code::from_i32)
-                .unwrap_or(tonic::Code::Ok),
-            Err(_) => tonic::Code::Internal,
+        let out = {
+            let _entered = this.end.as_ref().map(|e| e.span.enter());
+            std::task::ready!(this.inner.poll(cx))
         };
-        let code = format!("{code:?}");
-        this.span.record("code", code.as_str());
-        this.span.record("latency_ms", latency_ms);
-        if *this.quiet {
-            tracing::event!(Level::DEBUG, code, latency_ms, "rpc finished");
-        } else {
-            tracing::event!(Level::INFO, code, latency_ms, "rpc finished");
-        }
-        Poll::Ready(out)
+        let Some(end) = this.end.take() else {
+            return Poll::Ready(out.map(|r| r.map(RpcBody::done)));
+        };
+        Poll::Ready(match out {
+            Ok(mut resp) => {
+                restate_decode_error(resp.headers_mut());
+                // A trailers-only response (every failed unary call) has its
+                // code in the headers; the others in the trailers.
+                let early = code_in(resp.headers());
+                Ok(resp.map(|inner| RpcBody {
+                    inner,
+                    end: Some(end),
+                    early,
+                }))
+            }
+            Err(e) => {
+                end.finish(tonic::Code::Internal);
+                Err(e)
+            }
+        })
     }
+}
+
+pin_project! {
+    /// The response body, watched to its end: the status its client gets is
+    /// in the trailers (or, trailers-only, in the headers), and a stream can
+    /// fail after its first messages.
+    pub struct RpcBody<B> {
+        #[pin]
+        inner: B,
+        end: Option<RpcEnd>,
+        early: Option<tonic::Code>,
+    }
+
+    impl<B> PinnedDrop for RpcBody<B> {
+        // Dropped before its end: the client reset the stream (or the server
+        // stopped), unless the code was already in the headers.
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(end) = this.end.take() {
+                end.finish(this.early.unwrap_or(tonic::Code::Cancelled));
+            }
+        }
+    }
+}
+
+impl<B> RpcBody<B> {
+    fn done(inner: B) -> Self {
+        RpcBody {
+            inner,
+            end: None,
+            early: None,
+        }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for RpcBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        let code = match &frame {
+            Some(Ok(f)) => f
+                .trailers_ref()
+                .map(|t| code_in(t).unwrap_or(tonic::Code::Unknown)),
+            // The stream broke: the client sees a reset, not a status.
+            Some(Err(_)) => Some(tonic::Code::Internal),
+            // Ended without trailers: the code was in the headers, if at all.
+            None => Some(this.early.unwrap_or(tonic::Code::Unknown)),
+        };
+        if let Some(code) = code
+            && let Some(end) = this.end.take()
+        {
+            end.finish(code);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The grpc-status of a header or trailer map, if it has one.
+fn code_in(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
 }
 
 /// A call refused by tonic before its handler ran (a request over the size

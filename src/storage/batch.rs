@@ -76,6 +76,7 @@ async fn writer(db: DatabaseConnection, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
 }
 
 async fn commit_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
+    crate::metrics::create_batch(jobs.len());
     match store_batch(db, &jobs).await {
         Ok(outcomes) => {
             for (job, outcome) in jobs.into_iter().zip(outcomes) {

@@ -4,6 +4,7 @@ mod batch;
 mod bulk;
 pub mod ceiling;
 mod entity;
+mod errors;
 pub mod nodelay;
 mod query;
 mod read_batch;
@@ -16,10 +17,10 @@ use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
-    DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, QueryTrait, RuntimeErr,
-    SqlErr, Statement, TransactionTrait,
+    DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, QueryTrait, Statement,
+    TransactionTrait,
 };
-use tracing::{debug, error, instrument, warn};
+use tracing::{debug, instrument};
 
 use crate::domain::{
     Address, BatchCreated, Birthday, Created, Cursor, DomainError, Email, ExternalId,
@@ -30,6 +31,7 @@ use std::sync::Arc;
 
 use batch::Batcher;
 use entity::{request_ids, users};
+pub(crate) use errors::db_error;
 use query::Plan;
 use read_batch::ReadBatcher;
 use sqlite_read::{LookupColumn, SqliteReaders};
@@ -749,6 +751,29 @@ impl UserRepository for SeaOrmRepository {
         self.db.ping().await.map_err(db_error)
     }
 
+    fn report_pool_use(&self) {
+        let (size, idle, max) = match self.db.get_database_backend() {
+            DatabaseBackend::Postgres => {
+                let p = self.db.get_postgres_connection_pool();
+                (p.size(), p.num_idle(), p.options().get_max_connections())
+            }
+            _ => {
+                let p = self.db.get_sqlite_connection_pool();
+                (p.size(), p.num_idle(), p.options().get_max_connections())
+            }
+        };
+        crate::metrics::pool_use((size as usize).saturating_sub(idle), idle, max);
+        for (name, readers) in [
+            ("point", &self.point_readers),
+            ("list", &self.readers),
+            ("export", &self.scan_readers),
+        ] {
+            if let Some(r) = readers {
+                crate::metrics::readers_in_use(name, r.in_use());
+            }
+        }
+    }
+
     async fn checkpoint(&self) -> Result<(), DomainError> {
         if self.db.get_database_backend() == DatabaseBackend::Sqlite {
             self.db
@@ -757,59 +782,6 @@ impl UserRepository for SeaOrmRepository {
                 .map_err(db_error)?;
         }
         Ok(())
-    }
-}
-
-/// Maps a database error to the domain: constraint violations become conflicts,
-/// lost connections become Unavailable, the rest is internal (and logged here,
-/// since the client only sees a generic message).
-pub(crate) fn db_error(e: DbErr) -> DomainError {
-    if let Some(SqlErr::UniqueConstraintViolation(msg)) = e.sql_err() {
-        return DomainError::AlreadyExists(identifier_of_constraint(&msg));
-    }
-    let unavailable = match &e {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
-        DbErr::Exec(RuntimeErr::SqlxError(se)) | DbErr::Query(RuntimeErr::SqlxError(se)) => {
-            match se.as_ref() {
-                sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed => true,
-                // SQLite "database is locked" after the busy timeout.
-                sqlx::Error::Database(d) => {
-                    matches!(d.code().as_deref(), Some("5" | "6" | "261" | "517"))
-                        || d.code().is_some_and(|c| {
-                            // 57014: cancelled by statement_timeout.
-                            c.starts_with("08") || c == "57P01" || c == "57014"
-                        })
-                }
-                _ => false,
-            }
-        }
-        _ => false,
-    };
-    if unavailable {
-        warn!(error = %e, "database unavailable");
-        DomainError::Unavailable(e.to_string())
-    } else {
-        error!(error = %e, "database error");
-        DomainError::Internal(e.to_string())
-    }
-}
-
-/// Which identifier a unique violation is about. PostgreSQL names the index,
-/// SQLite the columns; the index names contain the column names.
-fn identifier_of_constraint(msg: &str) -> Identifier {
-    if msg.contains("email_key") {
-        Identifier::Email
-    } else if msg.contains("phone_number") {
-        Identifier::PhoneNumber
-    } else if msg.contains("username") {
-        Identifier::Username
-    } else if msg.contains("external_id") {
-        Identifier::ExternalId
-    } else {
-        Identifier::Name
     }
 }
 

@@ -51,6 +51,7 @@ pub(crate) struct SqliteReaders {
     free: Mutex<Vec<Connection>>,
     /// One permit per connection in `free`: waiting for one is async.
     permits: Semaphore,
+    size: usize,
 }
 
 /// The interrupt handle of a connection while one call uses it; the call
@@ -140,8 +141,14 @@ impl SqliteReaders {
         }
         Some(Self {
             permits: Semaphore::new(conns.len()),
+            size: conns.len(),
             free: Mutex::new(conns),
         })
+    }
+
+    /// Connections lent out now.
+    pub(crate) fn in_use(&self) -> usize {
+        self.size.saturating_sub(self.permits.available_permits())
     }
 
     /// Runs `f` on a free connection, on the blocking pool. Waiting for a

@@ -2,19 +2,28 @@
 //! the stored users are a prefix of the import (no hole, no half-written
 //! chunk), and sending the unacknowledged users again finishes the import
 //! with no user stored twice.
+//!
+//! SIGKILL in the middle of concurrent creates, updates, soft deletes and
+//! erases: every acknowledged write is there after the restart, a write in
+//! flight took effect entirely or not at all, and the indexes (tags,
+//! metadata, search, the unique email) agree with the users they point to.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use prost_types::FieldMask;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Code;
+use tonic::{Code, Status};
 use user_service::proto::users::v1 as pb;
 use user_service::proto::users::v1::user_service_client::UserServiceClient;
 
 use crate::both_engines;
 use crate::harness::*;
+use crate::list::{list_all, list_req};
 
 const BIN: &str = env!("CARGO_BIN_EXE_user-service");
 const TOTAL: usize = 20_000;
@@ -242,4 +251,363 @@ async fn sigkill_mid_import_loses_nothing_acknowledged(engine: Engine) {
     assert_eq!(count_all(&mut c, "").await, TOTAL as i64);
 }
 
-both_engines!(sigkill_mid_import_loses_nothing_acknowledged);
+const WRITERS: usize = 4;
+
+/// What a user looks like to a reader: its writable fields, and whether it
+/// is live or soft-deleted (erased and never created are both `Absent`).
+#[derive(Clone, Debug, PartialEq)]
+enum Seen {
+    Absent,
+    Live(User),
+    Deleted(User),
+}
+
+/// A user after the crash: what its last acknowledged write left, or, when a
+/// write on it was in flight at the kill, what that write leaves.
+struct Expected {
+    acked: Seen,
+    in_flight: Option<Seen>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Create,
+    Update,
+    SoftDelete,
+    Erase,
+}
+
+/// The writes each user of a writer goes through, by its number.
+fn plan(i: usize) -> &'static [Op] {
+    use Op::*;
+    match i % 6 {
+        0 => &[Create],
+        1 => &[Create, Update],
+        2 => &[Create, SoftDelete],
+        3 => &[Create, Erase],
+        4 => &[Create, Update, SoftDelete],
+        _ => &[Create, SoftDelete, Erase],
+    }
+}
+
+/// Writer `w`'s user `i` at generation `g` (0 when created, 1 once updated).
+fn written(w: usize, i: usize, g: usize) -> User {
+    User {
+        email: format!("w{w}-{i}@crash.example"),
+        display_name: format!("Crash gen{g} w{w} {i}"),
+        tags: vec![format!("w{w}"), format!("n{}", (i + g) % 5)],
+        metadata: [
+            ("gen".to_string(), g.to_string()),
+            ("w".to_string(), w.to_string()),
+        ]
+        .into(),
+        addresses: vec![pb::Address {
+            lines: vec![format!("Gate {g}"), format!("Door {i}")],
+            locality: "Oslo".into(),
+            postal_code: format!("{:04}", i % 10_000),
+            country_code: "NO".into(),
+            kind: pb::address::Kind::Home as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// A read (or a write's reply) as a `Seen`.
+fn seen(r: Result<User, Status>) -> Seen {
+    let u = match r {
+        Ok(u) => u,
+        Err(s) if s.code() == Code::NotFound && reason(&s) == "USER_NOT_FOUND" => {
+            return Seen::Absent;
+        }
+        Err(s) => panic!("read failed: {s:?}"),
+    };
+    let state = u.state();
+    let fields = User {
+        name: String::new(),
+        state: 0,
+        create_time: None,
+        update_time: None,
+        delete_time: None,
+        purge_time: None,
+        etag: String::new(),
+        ..u
+    };
+    match state {
+        pb::user::State::Active => Seen::Live(fields),
+        pb::user::State::Deleted => Seen::Deleted(fields),
+        s => panic!("no writer leaves a user {s:?}: {fields:?}"),
+    }
+}
+
+/// Writes users `w{w}-0`, `w{w}-1`, ... one write at a time until a write
+/// fails (after the kill) and returns what each of them may look like now.
+async fn writer(mut c: Client, w: usize, killed: Arc<AtomicBool>) -> BTreeMap<String, Expected> {
+    let mut model = BTreeMap::new();
+    for i in 0.. {
+        let id = format!("w{w}-{i}");
+        let name = format!("{PROJECT}/users/{id}");
+        let mut acked = Seen::Absent;
+        for &op in plan(i) {
+            let (after, reply) = match (op, &acked) {
+                (Op::Create, Seen::Absent) => {
+                    let u = written(w, i, 0);
+                    let req = pb::CreateUserRequest {
+                        parent: PROJECT.into(),
+                        user: Some(u.clone()),
+                        user_id: id.clone(),
+                        ..Default::default()
+                    };
+                    (Seen::Live(u), c.create_user(req).await)
+                }
+                (Op::Update, Seen::Live(_)) => {
+                    let u = written(w, i, 1);
+                    let req = pb::UpdateUserRequest {
+                        user: Some(User {
+                            name: name.clone(),
+                            ..u.clone()
+                        }),
+                        update_mask: Some(FieldMask {
+                            paths: ["display_name", "tags", "metadata.gen", "addresses"]
+                                .map(String::from)
+                                .into(),
+                        }),
+                    };
+                    (Seen::Live(u), c.update_user(req).await)
+                }
+                (Op::SoftDelete | Op::Erase, Seen::Live(u) | Seen::Deleted(u)) => {
+                    let force = op == Op::Erase;
+                    let req = pb::DeleteUserRequest {
+                        name: name.clone(),
+                        force,
+                        ..Default::default()
+                    };
+                    let after = if force {
+                        Seen::Absent
+                    } else {
+                        Seen::Deleted(u.clone())
+                    };
+                    (after, c.delete_user(req).await)
+                }
+                (op, s) => unreachable!("{op:?} on {s:?}"),
+            };
+            match reply {
+                Ok(r) => {
+                    if op != Op::Erase {
+                        assert_eq!(seen(Ok(r.into_inner())), after, "reply to {op:?} {name}");
+                    }
+                    acked = after;
+                }
+                Err(e) => {
+                    assert!(
+                        killed.load(Ordering::SeqCst),
+                        "{op:?} {name} failed before the kill: {e:?}"
+                    );
+                    let in_flight = Some(after);
+                    model.insert(name, Expected { acked, in_flight });
+                    return model;
+                }
+            }
+        }
+        let in_flight = None;
+        model.insert(name, Expected { acked, in_flight });
+    }
+    unreachable!("a writer stops at its first failed write")
+}
+
+/// The names of every user `filter` selects, deleted ones included.
+async fn listed(c: &mut Client, filter: &str) -> BTreeSet<String> {
+    let req = pb::ListUsersRequest {
+        page_size: 1000,
+        show_deleted: true,
+        ..list_req(filter, "")
+    };
+    list_all(c, req).await.into_iter().map(|u| u.name).collect()
+}
+
+/// The names of every user a search for `query` finds, deleted ones included.
+async fn searched(c: &mut Client, query: &str) -> BTreeSet<String> {
+    let mut req = pb::SearchUsersRequest {
+        parent: PROJECT.into(),
+        query: query.into(),
+        page_size: 1000,
+        show_deleted: true,
+        ..Default::default()
+    };
+    let mut out = BTreeSet::new();
+    loop {
+        let page = c
+            .search_users(req.clone())
+            .await
+            .expect("search")
+            .into_inner();
+        out.extend(page.users.into_iter().map(|u| u.name));
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+/// Notes in `problems` where an index answered `got` for `what` but the
+/// stored users for which `has` holds are others.
+fn diff(
+    problems: &mut Vec<String>,
+    what: &str,
+    got: BTreeSet<String>,
+    stored: &BTreeMap<String, User>,
+    has: impl Fn(&User) -> bool,
+) {
+    let want: BTreeSet<String> = stored
+        .values()
+        .filter(|u| has(u))
+        .map(|u| u.name.clone())
+        .collect();
+    if got != want {
+        problems.push(format!(
+            "{what}: missing {:?}, unexpected {:?}",
+            want.difference(&got).collect::<Vec<_>>(),
+            got.difference(&want).collect::<Vec<_>>()
+        ));
+    }
+}
+
+async fn sigkill_mid_writes_keeps_every_acknowledged_write(engine: Engine) {
+    let db = TestDb::new(engine).await;
+    let mut server = Server::start(&db).await;
+    let killed = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let c = server.client().await;
+        writers.push(tokio::spawn(writer(c, w, killed.clone())));
+    }
+    let ms = fastrand::u64(1500..=3000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    killed.store(true, Ordering::SeqCst);
+    server.kill();
+    let mut model = BTreeMap::new();
+    for h in writers {
+        let m = tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("a write still waits after the kill")
+            .expect("writer");
+        model.extend(m);
+    }
+    let settled = |want: fn(&Seen) -> bool| {
+        model
+            .values()
+            .filter(|e| e.in_flight.is_none() && want(&e.acked))
+            .count()
+    };
+    let live = settled(|s| matches!(s, Seen::Live(_)));
+    let deleted = settled(|s| matches!(s, Seen::Deleted(_)));
+    let erased = settled(|s| *s == Seen::Absent);
+    eprintln!(
+        "{engine:?}: killed after {ms} ms; acknowledged {live} live, {deleted} soft-deleted, \
+         {erased} erased users"
+    );
+    assert!(
+        live > 0 && deleted > 0 && erased > 0,
+        "too few writes before the kill"
+    );
+
+    let server = Server::start(&db).await;
+    let mut c = server.client().await;
+    let req = pb::ListUsersRequest {
+        page_size: 1000,
+        show_deleted: true,
+        ..list_req("", "")
+    };
+    let stored_users: BTreeMap<String, User> = list_all(&mut c, req)
+        .await
+        .into_iter()
+        .map(|u| (u.name.clone(), u))
+        .collect();
+    let mut problems = Vec::new();
+    for name in stored_users.keys().filter(|n| !model.contains_key(*n)) {
+        problems.push(format!("{name}: stored, but never written"));
+    }
+    for (name, e) in &model {
+        let now = seen(get(&mut c, name).await);
+        if now != e.acked && e.in_flight.as_ref() != Some(&now) {
+            problems.push(format!(
+                "{name}: {now:?}\n  acknowledged {:?}\n  in flight {:?}",
+                e.acked, e.in_flight
+            ));
+        }
+        let in_list = stored_users
+            .get(name)
+            .map_or(Seen::Absent, |u| seen(Ok(u.clone())));
+        if in_list != now {
+            problems.push(format!(
+                "{name}: GetUser has {now:?}, ListUsers {in_list:?}"
+            ));
+        }
+        let id = name.rsplit('/').next().expect("an id");
+        let found = match c
+            .lookup_user(pb::LookupUserRequest {
+                parent: PROJECT.into(),
+                identifier: Some(pb::lookup_user_request::Identifier::Email(format!(
+                    "{id}@crash.example"
+                ))),
+            })
+            .await
+        {
+            Ok(u) => Some(u.into_inner().name),
+            Err(s) if s.code() == Code::NotFound => None,
+            Err(s) => panic!("lookup {id}: {s:?}"),
+        };
+        let want = matches!(now, Seen::Live(_)).then(|| name.clone());
+        if found != want {
+            problems.push(format!("{name}: {now:?}, but its email finds {found:?}"));
+        }
+    }
+
+    // Every index term agrees with the stored users.
+    let tags = (0..WRITERS)
+        .map(|w| format!("w{w}"))
+        .chain((0..5).map(|n| format!("n{n}")));
+    for t in tags {
+        let got = listed(&mut c, &format!("tags:\"{t}\"")).await;
+        diff(
+            &mut problems,
+            &format!("tags:{t:?}"),
+            got,
+            &stored_users,
+            |u| u.tags.contains(&t),
+        );
+    }
+    for (key, values) in [("gen", 0..2), ("w", 0..WRITERS)] {
+        for v in values.map(|v| v.to_string()) {
+            let filter = format!("metadata.{key} = \"{v}\"");
+            let got = listed(&mut c, &filter).await;
+            diff(&mut problems, &filter, got, &stored_users, |u| {
+                u.metadata.get(key) == Some(&v)
+            });
+        }
+    }
+    let queries = (0..2)
+        .map(|g| format!("crash gen{g} w"))
+        .chain((0..WRITERS).map(|w| format!("w{w}-")));
+    for q in queries {
+        let got = searched(&mut c, &q).await;
+        diff(
+            &mut problems,
+            &format!("search {q:?}"),
+            got,
+            &stored_users,
+            |u| u.email.starts_with(&q) || u.display_name.to_lowercase().starts_with(&q),
+        );
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problems after the restart:\n{}",
+        problems.len(),
+        problems[..problems.len().min(50)].join("\n")
+    );
+}
+
+both_engines!(
+    sigkill_mid_import_loses_nothing_acknowledged,
+    sigkill_mid_writes_keeps_every_acknowledged_write,
+);

@@ -1,4 +1,4 @@
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -6,6 +6,7 @@ use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 use user_service::proto::users::v1 as pb;
+use user_service::proto::users::v1::user_service_client::UserServiceClient;
 
 use crate::both_engines;
 use crate::harness::*;
@@ -161,6 +162,119 @@ pub async fn connect_to(addr: &str) -> tonic::transport::Channel {
         .connect()
         .await
         .expect("connect")
+}
+
+/// A server process with a metrics endpoint, killed when dropped.
+pub struct Process {
+    pub name: &'static str,
+    child: Child,
+    pub addr: String,
+    pub metrics: String,
+}
+
+impl Process {
+    /// Starts `serve` on `db_url` with `args` and waits until it serves.
+    pub async fn start(name: &'static str, db_url: &str, args: &[&str]) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(BIN)
+            .env("RUST_LOG", "warn")
+            .args(["serve", "--listen", &addr, "--database-url", db_url])
+            .args(["--metrics-listen", &metrics])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the server binary");
+        let mut p = Process {
+            name,
+            child,
+            addr,
+            metrics,
+        };
+        p.wait_serving().await;
+        p
+    }
+
+    /// Waits (at most 20 s) for SERVING; fails at once if the process exits.
+    async fn wait_serving(&mut self) {
+        let start = Instant::now();
+        while !healthcheck(&self.addr) {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("server {} exited before serving: {status}", self.name);
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "server {} never served",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        UserServiceClient::with_interceptor(connect_to(&self.addr).await, Bearer::default())
+    }
+
+    /// The Prometheus text this process serves on /metrics.
+    pub async fn scrape(&self) -> String {
+        let start = Instant::now();
+        let text = loop {
+            match scrape(&self.metrics).await {
+                Ok(text) => break text,
+                Err(_) if start.elapsed() < Duration::from_secs(5) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("metrics of {} at {}: {e}", self.name, self.metrics),
+            }
+        };
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "metrics of {}: {}",
+            self.name,
+            text.lines().next().unwrap_or_default()
+        );
+        text
+    }
+
+    /// The sum of the samples of `metric` whose labels include every one of
+    /// `labels` (`name="value"`); 0 while there is none.
+    pub async fn metric(&self, metric: &str, labels: &[&str]) -> f64 {
+        metric_value(&self.scrape().await, metric, labels)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The whole HTTP/1.1 response to `GET /metrics`.
+async fn scrape(addr: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await?;
+    Ok(text)
+}
+
+/// See `Process::metric`.
+pub fn metric_value(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(metric))
+        .filter(|rest| rest.starts_with([' ', '{']))
+        .filter(|rest| labels.iter().all(|l| rest.contains(l)))
+        .map(|rest| {
+            let value = rest.split_whitespace().next_back().unwrap_or_default();
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|e| panic!("{metric} {value:?}: {e}"))
+        })
+        .sum()
 }
 
 /// The binary as an operator runs it: JSON logs with one line per RPC that

@@ -1,0 +1,183 @@
+//! Load shedding: at most `max_in_flight` UserService calls run at once; a
+//! few more wait in a bounded queue for a bounded time; the rest are
+//! refused at once with RESOURCE_EXHAUSTED (reason OVERLOADED, RetryInfo),
+//! so that under any load the calls the server accepts keep their latency
+//! and the queue never grows with what clients send. Health and reflection
+//! are never shed (a mesh must see the server alive while it sheds).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tower::{Layer, Service};
+
+/// How many calls may run and wait.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_in_flight: usize,
+    pub max_queued: usize,
+    pub max_wait: Duration,
+}
+
+struct Shared {
+    slots: Semaphore,
+    queued: AtomicUsize,
+    limits: Limits,
+}
+
+#[derive(Clone)]
+pub struct LoadShedLayer {
+    shared: Arc<Shared>,
+}
+
+impl LoadShedLayer {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                slots: Semaphore::new(limits.max_in_flight.max(1)),
+                queued: AtomicUsize::new(0),
+                limits,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for LoadShedLayer {
+    type Service = LoadShed<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LoadShed {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct LoadShed<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Holds a place in the queue; gives it back however the wait ends.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<S, B, RB> Service<http::Request<B>> for LoadShed<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    RB: Default + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if !req.uri().path().starts_with("/users.v1.") {
+            return Box::pin(self.inner.call(req));
+        }
+        let shared = self.shared.clone();
+        // A free slot: no queueing, no allocation beyond the box.
+        if let Ok(permit) = self.shared.slots.try_acquire() {
+            permit.forget();
+            let call = self.inner.call(req);
+            return Box::pin(async move {
+                let _slot = Slot(shared);
+                call.await
+            });
+        }
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // The wait is bounded by the call's own deadline as well.
+        let wait = grpc_timeout(req.headers())
+            .map_or(shared.limits.max_wait, |t| t.min(shared.limits.max_wait));
+        Box::pin(async move {
+            let acquired = {
+                let queued = shared.queued.fetch_add(1, Ordering::Relaxed);
+                let _place = Queued(&shared.queued);
+                if queued >= shared.limits.max_queued {
+                    None
+                } else {
+                    tokio::time::timeout(wait, shared.slots.acquire())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                }
+            };
+            let Some(permit) = acquired else {
+                crate::metrics::call_shed();
+                return Ok(super::status::overloaded().into_http());
+            };
+            permit.forget();
+            let _slot = Slot(shared.clone());
+            inner.call(req).await
+        })
+    }
+}
+
+/// A running call's slot, given back when the call's answer is ready (or
+/// the call is dropped).
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.slots.add_permits(1);
+    }
+}
+
+/// The `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        let h = |v: &str| {
+            let mut m = http::HeaderMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(h("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(h("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(h("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(h("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(h("m"), None);
+        assert_eq!(h("12x"), None);
+        assert_eq!(h("1234567890S"), None);
+    }
+}
