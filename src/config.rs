@@ -210,7 +210,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "USER_SERVICE_MAX_IN_FLIGHT",
-        default_value_t = 128,
+        default_value_t = 64,
         value_parser = clap::value_parser!(u32).range(1..),
         global = true
     )]
@@ -222,7 +222,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "USER_SERVICE_MAX_QUEUED_CALLS",
-        default_value_t = 512,
+        default_value_t = 64,
         global = true
     )]
     pub max_queued_calls: u32,

@@ -63,6 +63,10 @@ pub struct LoadShed<S> {
     shared: Arc<Shared>,
 }
 
+/// How long a refused client should wait before it retries (also the
+/// RetryInfo delay of the status).
+const PUSHBACK_MS: &str = "100";
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Holds a place in the queue; gives it back however the wait ends.
@@ -94,12 +98,14 @@ where
             return Box::pin(self.inner.call(req));
         }
         let shared = self.shared.clone();
-        // A free slot: no queueing, no allocation beyond the box.
+        // A free slot: no queueing, no allocation beyond the box. The slot
+        // travels with the future (given back even if it is never polled).
         if let Ok(permit) = self.shared.slots.try_acquire() {
             permit.forget();
+            let slot = Slot(shared);
             let call = self.inner.call(req);
             return Box::pin(async move {
-                let _slot = Slot(shared);
+                let _slot = slot;
                 call.await
             });
         }
@@ -123,7 +129,14 @@ where
             };
             let Some(permit) = acquired else {
                 crate::metrics::call_shed();
-                return Ok(super::status::overloaded().into_http());
+                let mut refused = super::status::overloaded().into_http::<RB>();
+                // gRPC clients with a retry policy wait this long before
+                // trying again (gRFC A6), instead of retrying at once.
+                refused.headers_mut().insert(
+                    "grpc-retry-pushback-ms",
+                    http::HeaderValue::from_static(PUSHBACK_MS),
+                );
+                return Ok(refused);
             };
             permit.forget();
             let _slot = Slot(shared.clone());

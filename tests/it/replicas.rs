@@ -160,21 +160,25 @@ async fn two_replicas_race_on_one_postgres() {
         .into_inner()
         .users;
     assert_eq!(created.len(), PURGED);
-    let mut deletes = JoinSet::new();
-    for (i, u) in created.iter().enumerate() {
-        let mut c = if i % 2 == 0 { a.clone() } else { b.clone() };
-        let name = u.name.clone();
-        deletes.spawn(async move {
-            c.delete_user(pb::DeleteUserRequest {
-                name,
-                ..Default::default()
-            })
-            .await
-        });
-    }
-    while let Some(r) = deletes.join_next().await {
-        if let Err(s) = r.expect("delete task") {
-            panic!("DeleteUser: {}", describe(&s));
+    // 50 at a time per replica: within what a replica takes at once
+    // (--max-in-flight and --max-queued-calls), so none is shed.
+    for (k, chunk) in created.chunks(100).enumerate() {
+        let mut deletes = JoinSet::new();
+        for (i, u) in chunk.iter().enumerate().map(|(i, u)| (i + k * 100, u)) {
+            let mut c = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let name = u.name.clone();
+            deletes.spawn(async move {
+                c.delete_user(pb::DeleteUserRequest {
+                    name,
+                    ..Default::default()
+                })
+                .await
+            });
+        }
+        while let Some(r) = deletes.join_next().await {
+            if let Err(s) = r.expect("delete task") {
+                panic!("DeleteUser: {}", describe(&s));
+            }
         }
     }
 
