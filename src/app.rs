@@ -136,7 +136,6 @@ pub async fn serve(
     }
     let mut drained = drain_rx;
     let server = builder
-        .timeout(settings.request_timeout)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .http2_max_header_list_size(HEADER_LIST_BYTES)
         .layer(layers(verifier, settings.call_limits()))
@@ -213,20 +212,20 @@ type PanicHandler = fn(Box<dyn std::any::Any + Send>) -> http::Response<tonic::b
 
 /// The layers in front of every service.
 pub type Layers = Stack<
-    AuthLayer,
-    Stack<LoadShedLayer, Stack<CatchPanicLayer<PanicHandler>, Stack<RpcTraceLayer, NoLayer>>>,
+    LoadShedLayer,
+    Stack<AuthLayer, Stack<CatchPanicLayer<PanicHandler>, Stack<RpcTraceLayer, NoLayer>>>,
 >;
 
 /// Outermost first: the trace sees every outcome (and counts it in the
-/// metrics), a panic anywhere below answers INTERNAL, calls beyond the
-/// server's capacity are shed before any work is spent on them, and only
-/// authenticated calls reach a service.
+/// metrics), a panic anywhere below answers INTERNAL, only authenticated
+/// calls go further, and those beyond the server's capacity are shed before
+/// any work is spent on them (and the rest bounded by --request-timeout).
 pub fn layers(verifier: Option<Arc<crate::auth::Verifier>>, limits: Limits) -> Layers {
     tower::ServiceBuilder::new()
         .layer(RpcTraceLayer)
         .layer(CatchPanicLayer::custom(panic_response as PanicHandler))
-        .layer(LoadShedLayer::new(limits))
         .layer(AuthLayer::new(verifier))
+        .layer(LoadShedLayer::new(limits))
         .into_inner()
 }
 

@@ -107,7 +107,7 @@ pub struct Settings {
 
     /// How long connecting to the database, or waiting for a free pooled
     /// connection, may take before a call fails with UNAVAILABLE.
-    #[arg(long, env = "USER_SERVICE_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "USER_SERVICE_DB_TIMEOUT", default_value = "5s", value_parser = positive_duration, global = true)]
     pub db_timeout: Duration,
 
     /// How long a soft-deleted user is kept before it is purged (e.g. 30d, 12h).
@@ -115,7 +115,7 @@ pub struct Settings {
     pub delete_retention: Duration,
 
     /// Longest time one RPC may take before it fails with DEADLINE_EXCEEDED.
-    #[arg(long, env = "USER_SERVICE_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "USER_SERVICE_REQUEST_TIMEOUT", default_value = "30s", value_parser = positive_duration, global = true)]
     pub request_timeout: Duration,
 
     /// After SIGTERM/SIGINT: how long the server keeps accepting calls while
@@ -130,7 +130,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
 
     /// How often the database is probed for the health service.
-    #[arg(long, env = "USER_SERVICE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "USER_SERVICE_HEALTH_INTERVAL", default_value = "1s", value_parser = positive_duration, global = true)]
     pub health_interval: Duration,
 
     /// HS256 tokens: a file holding the shared secret (trailing whitespace
@@ -237,7 +237,7 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
 
     /// How often soft-deleted users past their retention are purged.
-    #[arg(long, env = "USER_SERVICE_PURGE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "USER_SERVICE_PURGE_INTERVAL", default_value = "60s", value_parser = positive_duration, global = true)]
     pub purge_interval: Duration,
 }
 
@@ -260,6 +260,7 @@ impl Settings {
             max_in_flight: self.max_in_flight as usize,
             max_queued: self.max_queued_calls as usize,
             max_wait: self.max_queue_wait,
+            request_timeout: self.request_timeout,
         }
     }
 
@@ -268,6 +269,15 @@ impl Settings {
         let mut s = Cli::parse_from(["user-service"]).settings;
         s.database_url = database_url.into();
         s
+    }
+}
+
+/// A duration that must not be zero (an interval or a timeout).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
 }
 

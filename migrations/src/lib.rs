@@ -7,7 +7,9 @@ mod m20261122_000001_create_users;
 mod m20261122_000002_user_terms;
 mod m20261122_000003_user_terms_by_time;
 mod m20261202_000004_request_ids_by_time;
+mod m20261202_000005_user_id_byte_order;
 pub mod terms;
+mod terms_v1;
 
 pub struct Migrator;
 
@@ -19,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000002_user_terms::Migration),
             Box::new(m20261122_000003_user_terms_by_time::Migration),
             Box::new(m20261202_000004_request_ids_by_time::Migration),
+            Box::new(m20261202_000005_user_id_byte_order::Migration),
         ]
     }
 }

@@ -8,7 +8,8 @@ use sea_orm_migration::sea_orm::{
     ConnectionTrait, DatabaseBackend, DbErr, QueryResult, Statement, Value,
 };
 
-use crate::terms::{self, Indexed};
+// The rules as they were when this migration was written (frozen).
+use crate::terms_v1::{self as terms, Indexed};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;

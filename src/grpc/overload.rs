@@ -4,6 +4,11 @@
 //! so that under any load the calls the server accepts keep their latency
 //! and the queue never grows with what clients send. Health and reflection
 //! are never shed (a mesh must see the server alive while it sheds).
+//!
+//! Streaming calls (StreamUsers, ImportUsers) hold a slot only until their
+//! response starts; their work is bounded elsewhere (exports share the
+//! heavy-read limit, imports commit one chunk at a time). The layer runs
+//! after authentication, so an unauthenticated flood never takes a slot.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +26,8 @@ pub struct Limits {
     pub max_in_flight: usize,
     pub max_queued: usize,
     pub max_wait: Duration,
+    /// Longest a call may take (queue included); then DEADLINE_EXCEEDED.
+    pub request_timeout: Duration,
 }
 
 struct Shared {
@@ -102,11 +109,12 @@ where
         // travels with the future (given back even if it is never polled).
         if let Ok(permit) = self.shared.slots.try_acquire() {
             permit.forget();
+            let timeout = shared.limits.request_timeout;
             let slot = Slot(shared);
             let call = self.inner.call(req);
             return Box::pin(async move {
                 let _slot = slot;
-                call.await
+                within(timeout, call).await
             });
         }
         let clone = self.inner.clone();
@@ -115,16 +123,24 @@ where
         let wait = grpc_timeout(req.headers())
             .map_or(shared.limits.max_wait, |t| t.min(shared.limits.max_wait));
         Box::pin(async move {
+            let arrived = tokio::time::Instant::now();
             let acquired = {
-                let queued = shared.queued.fetch_add(1, Ordering::Relaxed);
-                let _place = Queued(&shared.queued);
-                if queued >= shared.limits.max_queued {
-                    None
-                } else {
+                // A place in the queue, if there is one left.
+                let max = shared.limits.max_queued;
+                let placed = shared
+                    .queued
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                        (q < max).then_some(q + 1)
+                    })
+                    .is_ok();
+                if placed {
+                    let _place = Queued(&shared.queued);
                     tokio::time::timeout(wait, shared.slots.acquire())
                         .await
                         .ok()
                         .and_then(Result::ok)
+                } else {
+                    None
                 }
             };
             let Some(permit) = acquired else {
@@ -140,8 +156,27 @@ where
             };
             permit.forget();
             let _slot = Slot(shared.clone());
-            inner.call(req).await
+            let left = shared
+                .limits
+                .request_timeout
+                .saturating_sub(arrived.elapsed());
+            within(left, inner.call(req)).await
         })
+    }
+}
+
+/// The call's answer, or DEADLINE_EXCEEDED once `limit` has passed (the
+/// call is dropped: its SQLite statement is interrupted). This is
+/// --request-timeout; a client's own `grpc-timeout` is enforced by tonic
+/// (and reported by the client itself).
+async fn within<F, RB, E>(limit: Duration, call: F) -> Result<http::Response<RB>, E>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+    RB: Default,
+{
+    match tokio::time::timeout(limit, call).await {
+        Ok(answer) => answer,
+        Err(_) => Ok(super::status::request_timeout(limit).into_http()),
     }
 }
 

@@ -352,3 +352,12 @@ pub fn overloaded() -> Status {
         d,
     )
 }
+
+/// A call that ran past --request-timeout.
+pub fn request_timeout(limit: std::time::Duration) -> Status {
+    status(
+        Code::DeadlineExceeded,
+        format!("the call took longer than the server allows ({limit:?})"),
+        info("REQUEST_TIMEOUT", &[("limit", format!("{limit:?}"))]),
+    )
+}

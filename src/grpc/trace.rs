@@ -52,6 +52,7 @@ where
         };
         let labels = RpcLabels::of_path(&method);
         crate::metrics::rpc_started(&labels);
+        let start = Instant::now();
         let inner = {
             let _entered = span.enter();
             self.inner.call(req)
@@ -60,7 +61,7 @@ where
             inner,
             end: Some(RpcEnd {
                 span,
-                start: Instant::now(),
+                start,
                 quiet,
                 labels,
             }),

@@ -7,15 +7,13 @@
 
 use std::sync::Arc;
 
-use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ActiveValue::Set, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, SqlErr,
-    TransactionTrait,
+    DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, SqlErr, TransactionTrait,
 };
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::entity::{request_ids, users};
-use super::{db_error, explain, find_request, terms, to_model};
+use super::entity::users;
+use super::{claim_key, db_error, encode_response, explain, find_request, terms, to_model};
 use crate::domain::{Created, DomainError, IdempotencyKey, User};
 
 /// Most users one transaction stores.
@@ -196,33 +194,6 @@ pub(crate) async fn insert_chunked<C: sea_orm::ConnectionTrait>(
     Ok(())
 }
 
-/// Stores an idempotency key with the response it answers (for `first`, the
-/// first user of the request); `false` if the key is already stored.
-pub(crate) async fn claim_key<C: sea_orm::ConnectionTrait>(
-    conn: &C,
-    first: &User,
-    key: &IdempotencyKey,
-    response: String,
-) -> Result<bool, DbErr> {
-    let rec = request_ids::ActiveModel {
-        project: Set(first.project.as_str().to_owned()),
-        request_id: Set(key.request_id.clone()),
-        fingerprint: Set(key.fingerprint.clone()),
-        user_id: Set(first.id.as_str().to_owned()),
-        response: Set(response),
-        create_time: Set(first.create_time.nanos()),
-    };
-    let inserted = request_ids::Entity::insert(rec)
-        .on_conflict(
-            OnConflict::columns([request_ids::Column::Project, request_ids::Column::RequestId])
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(conn)
-        .await?;
-    Ok(inserted == 1)
-}
-
 /// Stores one user in a transaction of its own.
 async fn store_alone(
     db: &DatabaseConnection,
@@ -250,9 +221,9 @@ async fn store_one(
     if let Some(key) = key {
         // The key goes in first: a concurrent twin blocks on it and then
         // replays this request instead of tripping over its email.
-        let response = match serde_json::to_string(&model) {
+        let response = match encode_response(std::slice::from_ref(&model)) {
             Ok(r) => r,
-            Err(e) => return Ok(Err(DomainError::Internal(e.to_string()))),
+            Err(e) => return Ok(Err(e)),
         };
         let inserted = claim_key(&sp, user, key, response).await?;
         if !inserted {

@@ -10,9 +10,9 @@ use sea_orm::{
     SqlErr, TransactionTrait,
 };
 
-use super::batch::{claim_key, insert_chunked};
+use super::batch::insert_chunked;
 use super::entity::users;
-use super::{db_error, find_request_users, json, terms, to_model};
+use super::{claim_key, db_error, encode_response, find_request_users, terms, to_model};
 use crate::domain::bulk::identifiers;
 use crate::domain::{
     BatchCreated, DomainError, IdempotencyKey, Identifier, StoredConflict, Timestamp, User,
@@ -45,7 +45,7 @@ pub(crate) async fn insert_all(
     let txn = db.begin().await.map_err(db_error)?;
     if let Some(key) = key {
         let models = batch.iter().map(to_model).collect::<Result<Vec<_>, _>>()?;
-        let inserted = claim_key(&txn, first, key, json(&models)?)
+        let inserted = claim_key(&txn, first, key, encode_response(&models)?)
             .await
             .map_err(db_error)?;
         if !inserted {

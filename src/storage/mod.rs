@@ -5,6 +5,7 @@ mod bulk;
 pub mod ceiling;
 mod entity;
 mod errors;
+mod idempotency;
 pub mod nodelay;
 mod query;
 mod read_batch;
@@ -32,6 +33,7 @@ use std::sync::Arc;
 use batch::Batcher;
 use entity::{request_ids, users};
 pub(crate) use errors::db_error;
+pub(crate) use idempotency::{claim_key, encode_response, find_request, find_request_users};
 use query::Plan;
 use read_batch::ReadBatcher;
 use sqlite_read::{LookupColumn, SqliteReaders};
@@ -211,42 +213,6 @@ fn lookup_select(project: &ProjectId, identity: &Identity) -> sea_orm::Select<us
         .filter(users::Column::Project.eq(project.as_str()))
         .filter(users::Column::DeleteTime.is_null())
         .filter(cond)
-}
-
-/// The result stored under an idempotency key: one user (CreateUser) or a
-/// list (BatchCreateUsers).
-pub(crate) async fn find_request_users<C: ConnectionTrait>(
-    conn: &C,
-    project: &str,
-    request_id: &str,
-) -> Result<Option<(String, Vec<User>)>, DomainError> {
-    let found = request_ids::Entity::find_by_id((project.to_owned(), request_id.to_owned()))
-        .one(conn)
-        .await
-        .map_err(db_error)?;
-    let Some(rec) = found else { return Ok(None) };
-    let models: Vec<users::Model> = if rec.response.starts_with('[') {
-        unjson(&rec.response)?
-    } else {
-        vec![unjson(&rec.response)?]
-    };
-    let users = models
-        .into_iter()
-        .map(from_model)
-        .collect::<Result<_, _>>()?;
-    Ok(Some((rec.fingerprint, users)))
-}
-
-/// The user stored under a CreateUser idempotency key. A key of a batch
-/// answers with its first user; its fingerprint never matches a CreateUser.
-pub(crate) async fn find_request<C: ConnectionTrait>(
-    conn: &C,
-    project: &str,
-    request_id: &str,
-) -> Result<Option<(String, User)>, DomainError> {
-    Ok(find_request_users(conn, project, request_id)
-        .await?
-        .and_then(|(fingerprint, users)| users.into_iter().next().map(|u| (fingerprint, u))))
 }
 
 /// The identifier of `user` that another row holds, by a fixed priority

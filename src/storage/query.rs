@@ -17,7 +17,7 @@ use crate::domain::filter::{
     BoolField, Filter, ListField, Member, Op, Pattern, TextField, TimeField,
 };
 use crate::domain::query::{Cursor, OrderField, SortValue};
-use crate::domain::{State, UserQuery};
+use crate::domain::{State, Timestamp, UserQuery};
 
 /// What the rows are selected for: lists need `delete_time IS NULL` (the
 /// partial indexes' predicate); counts use `state <> DELETED`, which the
@@ -291,7 +291,15 @@ impl Compiler {
     /// (its join already enforces it).
     fn base(&self, q: &UserQuery, purpose: Purpose, skip: Option<Source>) -> Condition {
         let mut cond = Condition::all().add(users::Column::Project.eq(q.project.as_str()));
-        if !q.show_deleted {
+        if q.show_deleted {
+            // A user past its purge time is gone for every read, purged by
+            // the background task yet or not (as GetUser says).
+            cond = cond.add(
+                Condition::any()
+                    .add(users::Column::PurgeTime.is_null())
+                    .add(users::Column::PurgeTime.gt(Timestamp::now().nanos())),
+            );
+        } else {
             cond = cond.add(match purpose {
                 Purpose::List => users::Column::DeleteTime.is_null(),
                 Purpose::Count => users::Column::State.ne(State::Deleted as i32),

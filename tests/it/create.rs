@@ -566,6 +566,59 @@ async fn burst_of_creates_with_collisions_keeps_every_rule(e: Engine) {
     }
 }
 
+/// An idempotency key stored before columns were added still replays the
+/// user it created.
+async fn replays_read_keys_stored_before_a_column_existed(e: Engine) {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let s = TestServer::start(e).await;
+    let mut c = s.client();
+    let req = pb::CreateUserRequest {
+        parent: PROJECT.into(),
+        request_id: "old-key".into(),
+        user: Some(pb::User {
+            email: "old@example.com".into(),
+            display_name: "Old".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let first = c
+        .create_user(req.clone())
+        .await
+        .expect("create")
+        .into_inner();
+    let db = Database::connect(&s.db.url).await.expect("connect");
+    let backend = db.get_database_backend();
+    let row = db
+        .query_one_raw(Statement::from_string(
+            backend,
+            "SELECT response FROM request_ids WHERE request_id = 'old-key'",
+        ))
+        .await
+        .expect("select")
+        .expect("the key's row");
+    let stored: String = row.try_get("", "response").expect("response");
+    // The row as stored, as if two of its columns had been added since.
+    let mut old: serde_json::Value = serde_json::from_str(&stored).expect("json");
+    let o = old.as_object_mut().expect("a row object");
+    o.remove("custom_data").expect("custom_data");
+    o.remove("last_login_time").expect("last_login_time");
+    let mark = if backend == sea_orm::DatabaseBackend::Postgres {
+        "$1"
+    } else {
+        "?"
+    };
+    db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        format!("UPDATE request_ids SET response = {mark} WHERE request_id = 'old-key'"),
+        [old.to_string().into()],
+    ))
+    .await
+    .expect("rewrite the record");
+    let again = c.create_user(req).await.expect("replay").into_inner();
+    assert_eq!(again, first);
+}
+
 both_engines!(
     burst_of_creates_with_collisions_keeps_every_rule,
     create_normalises_and_returns_the_stored_user,
@@ -576,6 +629,7 @@ both_engines!(
     identifiers_are_unique_per_project,
     racing_creates_with_one_email_have_one_winner,
     request_id_makes_create_idempotent,
+    replays_read_keys_stored_before_a_column_existed,
     racing_retries_with_one_request_id_create_one_user,
     validate_only_stores_nothing,
 );

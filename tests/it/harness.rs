@@ -174,6 +174,17 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A database the test made and removes itself.
+    pub fn at(url: String) -> Self {
+        TestDb {
+            url,
+            _dir: None,
+            pg_schema: None,
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some((base, schema)) = self.pg_schema.take() {
@@ -220,6 +231,10 @@ impl TestServer {
     pub async fn start_on(db: TestDb, tweak: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = Settings::for_database(db.url.clone());
         settings.db_max_connections = 8;
+        // Tests fire bursts of calls to check correctness, not shedding
+        // (tests/it/overload.rs sets its own limits).
+        settings.max_in_flight = 1024;
+        settings.max_queued_calls = 4096;
         // No load balancer to warn: stop at once.
         settings.shutdown_delay = Duration::ZERO;
         tweak(&mut settings);

@@ -6,6 +6,7 @@ mod harness;
 
 mod auth;
 mod bulk;
+mod collation;
 mod consistency;
 mod crash;
 mod create;
