@@ -26,6 +26,12 @@ pub struct Cli {
     /// Log output format.
     #[arg(long, env = "USER_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+
+    /// Export the spans of every RPC as OpenTelemetry traces to this OTLP/HTTP
+    /// collector (e.g. http://otel-collector:4318; sent to /v1/traces),
+    /// continuing the W3C trace context (`traceparent`) of each call.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

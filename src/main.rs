@@ -11,7 +11,14 @@ use user_service::{storage, telemetry};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    // Flushes the trace exporter when main returns.
+    let _telemetry = match telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("user-service: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Some(Command::Token {
         secret_file,
         projects,

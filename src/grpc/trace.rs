@@ -50,6 +50,7 @@ where
         } else {
             tracing::info_span!("rpc", method = %method, caller = Empty, project = Empty, code = Empty, latency_ms = Empty)
         };
+        crate::telemetry::continue_trace(&span, req.headers());
         let labels = RpcLabels::of_path(&method);
         crate::metrics::rpc_started(&labels);
         let start = Instant::now();

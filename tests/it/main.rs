@@ -17,6 +17,7 @@ mod lifecycle;
 mod limits;
 mod list;
 mod metrics;
+mod otlp;
 mod outage;
 mod overload;
 mod pg_tls;
