@@ -9,7 +9,6 @@
 //! metadata, search, the unique email) agree with the users they point to.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,76 +18,25 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 use user_service::proto::users::v1 as pb;
-use user_service::proto::users::v1::user_service_client::UserServiceClient;
 
 use crate::both_engines;
 use crate::harness::*;
 use crate::list::{list_all, list_req};
+use crate::server::Process;
 
-const BIN: &str = env!("CARGO_BIN_EXE_user-service");
 const TOTAL: usize = 20_000;
 const PER_MESSAGE: usize = 250;
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    async fn start(db: &TestDb) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(BIN)
-            .env("RUST_LOG", "warn")
-            .args(["serve", "--listen", &addr, "--database-url", &db.url])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the server binary");
-        let start = Instant::now();
-        loop {
-            if let Ok(ch) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-                .expect("uri")
-                .connect()
-                .await
-                && let Ok(r) = tonic_health::pb::health_client::HealthClient::new(ch)
-                    .check(tonic_health::pb::HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                && r.into_inner().status == 1
-            {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "never served");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Server { child, addr }
-    }
-
-    async fn client(&self) -> Client {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        UserServiceClient::with_interceptor(channel, Bearer::default())
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Starts the server on `db` again after a SIGKILL and says how long
+/// recovery (opening the database, WAL replay, migrations check) took to
+/// SERVING; it must stay bounded.
+async fn restart(db: &TestDb) -> Process {
+    let t = Instant::now();
+    let server = Process::start("restarted", &db.url, &[]).await;
+    let took = t.elapsed();
+    eprintln!("restart to SERVING after SIGKILL: {took:?}");
+    assert!(took < Duration::from_secs(10), "recovery took {took:?}");
+    server
 }
 
 fn imported(i: usize) -> User {
@@ -159,7 +107,7 @@ async fn stored(c: &mut Client) -> Vec<usize> {
 
 async fn sigkill_mid_import_loses_nothing_acknowledged(engine: Engine) {
     let db = TestDb::new(engine).await;
-    let mut server = Server::start(&db).await;
+    let mut server = Process::start("crash", &db.url, &[]).await;
     let mut c = server.client().await;
 
     // The client streams as fast as the server takes users and reads acks
@@ -194,7 +142,7 @@ async fn sigkill_mid_import_loses_nothing_acknowledged(engine: Engine) {
         "the import finished before the kill"
     );
 
-    let server = Server::start(&db).await;
+    let server = restart(&db).await;
     let mut c = server.client().await;
     let present = stored(&mut c).await;
     // A prefix of the import: nothing is missing before the last stored user,
@@ -474,7 +422,7 @@ fn diff(
 
 async fn sigkill_mid_writes_keeps_every_acknowledged_write(engine: Engine) {
     let db = TestDb::new(engine).await;
-    let mut server = Server::start(&db).await;
+    let mut server = Process::start("crash", &db.url, &[]).await;
     let killed = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..WRITERS {
@@ -511,7 +459,7 @@ async fn sigkill_mid_writes_keeps_every_acknowledged_write(engine: Engine) {
         "too few writes before the kill"
     );
 
-    let server = Server::start(&db).await;
+    let server = restart(&db).await;
     let mut c = server.client().await;
     let req = pb::ListUsersRequest {
         page_size: 1000,

@@ -216,6 +216,12 @@ impl Process {
         UserServiceClient::with_interceptor(connect_to(&self.addr).await, Bearer::default())
     }
 
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The Prometheus text this process serves on /metrics.
     pub async fn scrape(&self) -> String {
         let start = Instant::now();
@@ -246,8 +252,7 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
