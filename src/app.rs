@@ -136,6 +136,10 @@ pub async fn serve(
     }
     let mut drained = drain_rx;
     let server = builder
+        // A backstop behind the load-shed layer's own --request-timeout
+        // (which answers DEADLINE_EXCEEDED first): also bounds the
+        // authentication in front of it.
+        .timeout(settings.request_timeout + std::time::Duration::from_secs(5))
         .max_concurrent_streams(settings.max_concurrent_streams)
         .http2_max_header_list_size(HEADER_LIST_BYTES)
         .layer(layers(verifier, settings.call_limits()))

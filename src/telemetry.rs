@@ -100,9 +100,14 @@ pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
 
 struct Headers<'a>(&'a http::HeaderMap);
 
+/// Longest `tracestate` continued (W3C allows dropping it): a caller must
+/// not make every exported span carry kilobytes of its own.
+const MAX_TRACESTATE: usize = 512;
+
 impl opentelemetry::propagation::Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        let v = self.0.get(key)?.to_str().ok()?;
+        (key != "tracestate" || v.len() <= MAX_TRACESTATE).then_some(v)
     }
 
     fn keys(&self) -> Vec<&str> {

@@ -114,7 +114,7 @@ where
             let call = self.inner.call(req);
             return Box::pin(async move {
                 let _slot = slot;
-                within(timeout, call).await
+                within(timeout, timeout, call).await
             });
         }
         let clone = self.inner.clone();
@@ -160,21 +160,21 @@ where
                 .limits
                 .request_timeout
                 .saturating_sub(arrived.elapsed());
-            within(left, inner.call(req)).await
+            within(left, shared.limits.request_timeout, inner.call(req)).await
         })
     }
 }
 
-/// The call's answer, or DEADLINE_EXCEEDED once `limit` has passed (the
+/// The call's answer, or DEADLINE_EXCEEDED once `left` (of `limit`) has passed (the
 /// call is dropped: its SQLite statement is interrupted). This is
 /// --request-timeout; a client's own `grpc-timeout` is enforced by tonic
 /// (and reported by the client itself).
-async fn within<F, RB, E>(limit: Duration, call: F) -> Result<http::Response<RB>, E>
+async fn within<F, RB, E>(left: Duration, limit: Duration, call: F) -> Result<http::Response<RB>, E>
 where
     F: Future<Output = Result<http::Response<RB>, E>>,
     RB: Default,
 {
-    match tokio::time::timeout(limit, call).await {
+    match tokio::time::timeout(left, call).await {
         Ok(answer) => answer,
         Err(_) => Ok(super::status::request_timeout(limit).into_http()),
     }

@@ -46,9 +46,9 @@ where
         // Probes and reflection are frequent and boring: debug level.
         let quiet = method.starts_with("/grpc.");
         let span = if quiet {
-            tracing::debug_span!("rpc", method = %method, caller = Empty, project = Empty, code = Empty, latency_ms = Empty)
+            tracing::debug_span!("rpc", method = %method, caller = Empty, project = Empty, code = Empty, latency_ms = Empty, otel.name = %method, otel.kind = "server", otel.status_code = Empty)
         } else {
-            tracing::info_span!("rpc", method = %method, caller = Empty, project = Empty, code = Empty, latency_ms = Empty)
+            tracing::info_span!("rpc", method = %method, caller = Empty, project = Empty, code = Empty, latency_ms = Empty, otel.name = %method, otel.kind = "server", otel.status_code = Empty)
         };
         crate::telemetry::continue_trace(&span, req.headers());
         let labels = RpcLabels::of_path(&method);
@@ -83,6 +83,9 @@ impl RpcEnd {
         let latency = self.start.elapsed();
         let latency_ms = latency.as_secs_f64() * 1000.0;
         crate::metrics::rpc_finished(&self.labels, code, latency);
+        if code != tonic::Code::Ok {
+            self.span.record("otel.status_code", "ERROR");
+        }
         let code = format!("{code:?}");
         self.span.record("code", code.as_str());
         self.span.record("latency_ms", latency_ms);

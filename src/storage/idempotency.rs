@@ -134,6 +134,8 @@ mod tests {
         users::Model {
             project: "acme".into(),
             user_id: id.into(),
+            email: Some(format!("{id}@example.com")),
+            state: crate::domain::State::Active as i32,
             ..Default::default()
         }
     }
@@ -168,6 +170,16 @@ mod tests {
         o.remove("revision");
         let s = format!("{{\"v\":1,\"users\":[{v}]}}");
         assert_eq!(decode_response(&s).unwrap(), vec![row("a")]);
+        // Also the JSON text columns: an absent one is empty, and the row
+        // still becomes a user.
+        let mut v = serde_json::to_value(row("b")).unwrap();
+        let o = v.as_object_mut().unwrap();
+        for column in ["tags", "roles", "metadata", "addresses", "secondary_emails"] {
+            o.remove(column);
+        }
+        let rows = decode_response(&v.to_string()).unwrap();
+        let user = from_model(rows[0].clone()).expect("a user");
+        assert!(user.profile.tags.is_empty() && user.profile.metadata.is_empty());
     }
 
     #[test]

@@ -755,7 +755,12 @@ fn json<T: serde::Serialize>(v: &T) -> Result<String, DomainError> {
     serde_json::to_string(v).map_err(|e| DomainError::Internal(format!("encode: {e}")))
 }
 
-fn unjson<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, DomainError> {
+/// A JSON text column. Empty (a column an idempotency record predates, see
+/// `idempotency`) is the type's empty value.
+fn unjson<T: serde::de::DeserializeOwned + Default>(s: &str) -> Result<T, DomainError> {
+    if s.is_empty() {
+        return Ok(T::default());
+    }
     serde_json::from_str(s)
         .map_err(|e| DomainError::Internal(format!("stored row unreadable: {e}")))
 }

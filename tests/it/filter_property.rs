@@ -465,7 +465,7 @@ fn random_user(r: &mut fastrand::Rng, i: usize) -> pb::User {
             String::new()
         },
         external_id: if r.bool() {
-            format!("ext-{}", r.u16(..))
+            format!("ext-{}-{i}", r.u16(..))
         } else {
             String::new()
         },
