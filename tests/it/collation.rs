@@ -29,20 +29,8 @@ async fn ids_in_page_order(s: &TestServer) -> Vec<String> {
         .await
         .unwrap_or_else(|e| panic!("create {id}: {e:?}"));
     }
-    let mut req = list_req("", "family_name");
-    req.page_size = 1;
-    let mut ids: Vec<String> = list_all(&mut c, req)
-        .await
-        .into_iter()
-        .map(|u| u.name.rsplit('/').next().unwrap().to_owned())
-        .collect();
-    let mut desc = list_req("", "family_name desc");
-    desc.page_size = 3;
-    let mut back: Vec<String> = list_all(&mut c, desc)
-        .await
-        .into_iter()
-        .map(|u| u.name.rsplit('/').next().unwrap().to_owned())
-        .collect();
+    let mut ids = paged_ids(&mut c, "family_name", 1).await;
+    let mut back = paged_ids(&mut c, "family_name desc", 3).await;
     back.reverse();
     assert_eq!(
         ids, back,
@@ -50,6 +38,17 @@ async fn ids_in_page_order(s: &TestServer) -> Vec<String> {
     );
     ids.dedup();
     ids
+}
+
+/// The user ids of every page of a list in `order`, `size` a page.
+async fn paged_ids(c: &mut Client, order: &str, size: i32) -> Vec<String> {
+    let mut req = list_req("", order);
+    req.page_size = size;
+    list_all(c, req)
+        .await
+        .into_iter()
+        .map(|u| u.name.rsplit('/').next().unwrap().to_owned())
+        .collect()
 }
 
 fn byte_order() -> Vec<String> {

@@ -375,26 +375,18 @@ async fn listed(c: &mut Client, filter: &str) -> BTreeSet<String> {
 
 /// The names of every user a search for `query` finds, deleted ones included.
 async fn searched(c: &mut Client, query: &str) -> BTreeSet<String> {
-    let mut req = pb::SearchUsersRequest {
+    let req = pb::SearchUsersRequest {
         parent: PROJECT.into(),
         query: query.into(),
         page_size: 1000,
         show_deleted: true,
         ..Default::default()
     };
-    let mut out = BTreeSet::new();
-    loop {
-        let page = c
-            .search_users(req.clone())
-            .await
-            .expect("search")
-            .into_inner();
-        out.extend(page.users.into_iter().map(|u| u.name));
-        if page.next_page_token.is_empty() {
-            return out;
-        }
-        req.page_token = page.next_page_token;
-    }
+    crate::list::search_all(c, req)
+        .await
+        .into_iter()
+        .map(|u| u.name)
+        .collect()
 }
 
 /// Notes in `problems` where an index answered `got` for `what` but the

@@ -528,13 +528,18 @@ async fn index_terms_follow_updates_and_erasure(e: Engine) {
 }
 
 async fn search(c: &mut Client, query: &str, filter: &str) -> Vec<pb::User> {
-    let mut req = pb::SearchUsersRequest {
+    let req = pb::SearchUsersRequest {
         parent: PROJECT.into(),
         query: query.into(),
         filter: filter.into(),
         page_size: 2,
         ..Default::default()
     };
+    search_all(c, req).await
+}
+
+/// Every page of a search, following the tokens.
+pub async fn search_all(c: &mut Client, mut req: pb::SearchUsersRequest) -> Vec<pb::User> {
     let mut out = Vec::new();
     loop {
         let page = c
