@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["users/v1/user_service.proto"];
+const PROTOS: &[&str] = &[
+    "users/v1/user_service.proto",
+    "users/v1/group_service.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

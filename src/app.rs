@@ -17,7 +17,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::auth::AuthLayer;
 use crate::config::Settings;
-use crate::domain::{UserRepository, Users};
+use crate::domain::{Groups, UserRepository, Users};
+use crate::grpc::groups::{GroupServiceImpl, GroupServiceServer};
 use crate::grpc::overload::{Limits, LoadShedLayer};
 use crate::grpc::trace::RpcTraceLayer;
 use crate::grpc::{MAX_RESPONSE_BYTES, UserServiceImpl, UserServiceServer, panic_response};
@@ -28,6 +29,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The name the health service reports the user service under.
 pub const SERVICE_NAME: &str = "users.v1.UserService";
+/// Served beside UserService, on the same database.
+pub const GROUP_SERVICE_NAME: &str = "users.v1.GroupService";
 
 /// Connects to the database and applies migrations.
 pub async fn open_database(settings: &Settings) -> Result<SeaOrmRepository, BoxError> {
@@ -94,6 +97,7 @@ pub async fn serve(
     }
     let verifier = auth.verifier().await?;
     let repo = open_database(&settings).await?;
+    let groups = Arc::new(Groups::new(repo.clone()));
     let users = Arc::new(Users::new(repo, settings.delete_retention));
 
     let (mut reporter, health) = tonic_health::server::health_reporter();
@@ -127,6 +131,9 @@ pub async fn serve(
     let service = UserServiceServer::new(UserServiceImpl::new(users.clone(), drain_rx.clone()))
         .max_decoding_message_size(settings.max_request_bytes)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    let group_service = GroupServiceServer::new(GroupServiceImpl::new(groups))
+        .max_decoding_message_size(settings.max_request_bytes)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
     info!(%addr, tls = tls.is_some(), auth = auth.enabled(), "serving users.v1.UserService");
     let mut builder = Server::builder();
     if let Some(tls) = tls {
@@ -147,6 +154,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(group_service)
         // Without TCP_NODELAY a response written in several pieces waits for
         // the client's delayed ACK (40 ms on Linux) between them.
         .serve_with_incoming_shutdown(
@@ -175,6 +183,7 @@ pub async fn serve(
                     // grace period open).
                     reporter.clear_service_status("").await;
                     reporter.clear_service_status(SERVICE_NAME).await;
+                    reporter.clear_service_status(GROUP_SERVICE_NAME).await;
                     info!(grace = ?settings.shutdown_grace, "shutting down: no new connections; finishing calls in flight");
                     match tokio::time::timeout(settings.shutdown_grace, &mut server).await {
                         Ok(r) => r,
@@ -287,6 +296,9 @@ fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, BoxError> 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status("", status).await;
     reporter.set_service_status(SERVICE_NAME, status).await;
+    reporter
+        .set_service_status(GROUP_SERVICE_NAME, status)
+        .await;
 }
 
 /// Probes the database: NOT_SERVING while it does not answer.

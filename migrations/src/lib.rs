@@ -8,6 +8,7 @@ mod m20261122_000002_user_terms;
 mod m20261122_000003_user_terms_by_time;
 mod m20261202_000004_request_ids_by_time;
 mod m20261202_000005_user_id_byte_order;
+mod m20261203_000006_groups;
 pub mod terms;
 mod terms_v1;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000003_user_terms_by_time::Migration),
             Box::new(m20261202_000004_request_ids_by_time::Migration),
             Box::new(m20261202_000005_user_id_byte_order::Migration),
+            Box::new(m20261203_000006_groups::Migration),
         ]
     }
 }

@@ -152,6 +152,24 @@ pub enum DomainError {
     /// The request is larger than the service takes or answers in one call.
     #[error("{field}: {description}")]
     TooLarge { field: String, description: String },
+    #[error("group {0} not found")]
+    GroupNotFound(String),
+    #[error("a group with this name already exists")]
+    GroupAlreadyExists,
+    /// A member named in a membership change does not exist; `field` is its
+    /// path in the request (`members[3]`).
+    #[error("{field}: {name} not found")]
+    MemberNotFound { field: String, name: String },
+    /// Adding the group `name` would make a group contain itself.
+    #[error("{field}: {name} contains the group, directly or through nested groups")]
+    GroupCycle { field: String, name: String },
+    /// Adding the group `name` would nest groups `depth` levels deep.
+    #[error("{field}: nesting {name} here makes groups {depth} levels deep")]
+    GroupTooDeep {
+        field: String,
+        name: String,
+        depth: u32,
+    },
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]

@@ -16,6 +16,7 @@
 
 use chrono::{DateTime, NaiveDate};
 
+use super::group::GroupId;
 use super::user::State;
 use super::values::{PhoneNumber, ProjectId};
 
@@ -90,6 +91,21 @@ pub enum Filter {
     },
     /// `metadata:KEY`.
     HasMetadataKey(String),
+    /// `groups:"g"`: a member of group `g`, directly or through nested
+    /// groups. `within` is empty as parsed; the storage fills it with `g`
+    /// and every group nested in it before the query runs.
+    InGroup {
+        group: String,
+        within: Vec<String>,
+    },
+}
+
+/// What a filter selects: the fields it may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject {
+    User,
+    /// ListGroups: `display_name`, `create_time`, `metadata`.
+    Group,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,10 +189,19 @@ enum FieldKind {
     State,
     List(ListField),
     Metadata(Option<String>),
+    Groups,
 }
 
-fn field_kind(path: &str) -> Option<FieldKind> {
+fn field_kind(path: &str, subject: Subject) -> Option<FieldKind> {
     use FieldKind as K;
+    if subject == Subject::Group {
+        return match path {
+            "display_name" => Some(K::Text(TextField::DisplayName)),
+            "create_time" => Some(K::Time(TimeField::CreateTime)),
+            "metadata" => Some(K::Metadata(None)),
+            _ => None,
+        };
+    }
     Some(match path {
         "name" => K::Name,
         "email" => K::Text(TextField::Email),
@@ -206,6 +231,7 @@ fn field_kind(path: &str) -> Option<FieldKind> {
         "secondary_emails" => K::List(ListField::SecondaryEmails),
         "secondary_phone_numbers" => K::List(ListField::SecondaryPhoneNumbers),
         "metadata" => K::Metadata(None),
+        "groups" => K::Groups,
         _ => return None,
     })
 }
@@ -387,6 +413,15 @@ fn lex_string(chars: &[char], start: usize) -> Result<(Tok, usize), FilterError>
 /// Parses and type-checks `input` for the users of `project`. An empty (or
 /// blank) filter is `None`.
 pub fn parse(input: &str, project: &ProjectId) -> Result<Option<Filter>, FilterError> {
+    parse_for(input, project, Subject::User)
+}
+
+/// As `parse`, for the fields of `subject`.
+pub fn parse_for(
+    input: &str,
+    project: &ProjectId,
+    subject: Subject,
+) -> Result<Option<Filter>, FilterError> {
     let n = input.chars().count();
     if n > MAX_FILTER_CHARS {
         return err(
@@ -404,6 +439,7 @@ pub fn parse(input: &str, project: &ProjectId) -> Result<Option<Filter>, FilterE
         end: n + 1,
         comparisons: 0,
         project,
+        subject,
     };
     let f = p.expression(0)?;
     if let Some(t) = p.tokens.get(p.at) {
@@ -424,6 +460,7 @@ struct Parser<'a> {
     end: usize,
     comparisons: usize,
     project: &'a ProjectId,
+    subject: Subject,
 }
 
 impl Parser<'_> {
@@ -544,8 +581,14 @@ impl Parser<'_> {
             check_metadata_key(&key).or_else(|m| err(pos + 9, m))?;
             return Ok((pos, FieldKind::Metadata(Some(key))));
         }
-        match field_kind(&text) {
+        match field_kind(&text, self.subject) {
             Some(k) => Ok((pos, k)),
+            None if self.subject == Subject::Group => err(
+                pos,
+                format!(
+                    "groups are filtered by display_name, create_time and metadata, not `{text}`"
+                ),
+            ),
             None if text.contains('.') => err(
                 pos,
                 format!("`{text}` is not filterable: only metadata.KEY has sub-fields"),
@@ -690,7 +733,7 @@ fn typed(
             Cmp::Has => err(
                 op_pos,
                 format!(
-                    "`:` applies to tags, roles, secondary_emails, secondary_phone_numbers and metadata, not to {what}"
+                    "`:` applies to tags, roles, secondary_emails, secondary_phone_numbers, metadata and groups, not to {what}"
                 ),
             ),
         }
@@ -849,6 +892,30 @@ fn typed(
                 Member::Exact(fold(&value.core()))
             };
             Ok(Filter::Has { field, member })
+        }
+        FieldKind::Groups => {
+            if cmp != Cmp::Has {
+                return err(
+                    op_pos,
+                    "group membership is tested with `:` (`groups:\"team\"`)",
+                );
+            }
+            if value.has_wildcard() {
+                return err(value_pos, "`groups:` takes a group id or name without `*`");
+            }
+            let text = value.text;
+            let prefix = format!("projects/{project}/groups/");
+            let id = match text.strip_prefix(&prefix) {
+                Some(id) => id,
+                // A group of another project has no members here.
+                None if text.starts_with("projects/") => return Ok(Filter::Const(false)),
+                None => &text,
+            };
+            GroupId::parse(id).or_else(|m| err(value_pos, m))?;
+            Ok(Filter::InGroup {
+                group: id.to_owned(),
+                within: Vec::new(),
+            })
         }
         FieldKind::Metadata(None) => {
             if cmp != Cmp::Has {

@@ -5,6 +5,8 @@ pub mod bulk;
 pub mod caller;
 pub mod error;
 pub mod filter;
+pub mod group;
+pub mod groups;
 pub mod query;
 pub mod repository;
 pub mod service;
@@ -14,6 +16,8 @@ pub mod values;
 pub use bulk::{ChunkOutcome, ImportLog};
 pub use caller::{Caller, Denied, Projects, Scope};
 pub use error::{DomainError, FieldViolation, Identifier, QueryProblem, Violations};
+pub use group::{Group, GroupFields, GroupId, GroupName, GroupQuery, Member, MemberKind, NewGroup};
+pub use groups::{GroupCreated, GroupRepository, Groups, ListPage, MembershipError};
 pub use query::{Cursor, OrderBy, UserQuery};
 pub use repository::{
     BatchCreated, Created, IdempotencyKey, Identity, StoredConflict, UserRepository,

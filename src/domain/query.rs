@@ -356,8 +356,14 @@ pub fn next_page_token(query: &UserQuery, last: &super::User) -> String {
 }
 
 pub fn encode_page_token(query: &UserQuery, cursor: &Cursor) -> String {
+    encode_token(&query.fingerprint, cursor)
+}
+
+/// A cursor as an opaque, checksummed token of the query with this
+/// fingerprint (user and group lists, member lists).
+pub fn encode_token(fingerprint: &[u8; 8], cursor: &Cursor) -> String {
     let mut b = vec![TOKEN_VERSION];
-    b.extend_from_slice(&query.fingerprint);
+    b.extend_from_slice(fingerprint);
     b.push(cursor.values.len() as u8);
     for v in &cursor.values {
         match v {
@@ -392,6 +398,22 @@ fn checksum(b: &[u8]) -> [u8; 8] {
 /// Decodes a token issued for `query`; the cursor's values have the types of
 /// its order keys.
 pub fn decode_page_token(query: &UserQuery, token: &str) -> Result<Cursor, TokenError> {
+    let times: Vec<bool> = query
+        .order
+        .keys()
+        .iter()
+        .map(|k| k.field.is_time())
+        .collect();
+    decode_token(&query.fingerprint, &times, token)
+}
+
+/// Decodes a token of `encode_token` for the query with this fingerprint,
+/// whose cursor values are integers where `times` is true, text elsewhere.
+pub fn decode_token(
+    fingerprint: &[u8; 8],
+    times: &[bool],
+    token: &str,
+) -> Result<Cursor, TokenError> {
     use TokenError::Malformed;
     if token.len() > 4096 {
         return Err(Malformed);
@@ -408,18 +430,17 @@ pub fn decode_page_token(query: &UserQuery, token: &str) -> Result<Cursor, Token
     if r.take(1)? != [TOKEN_VERSION] {
         return Err(Malformed);
     }
-    if r.take(8)? != query.fingerprint {
+    if r.take(8)? != fingerprint {
         return Err(TokenError::OtherQuery);
     }
     let n = r.take(1)?[0] as usize;
-    let keys = query.order.keys();
-    if n != keys.len() {
+    if n != times.len() {
         return Err(TokenError::OtherQuery);
     }
     let mut values = Vec::with_capacity(n);
-    for k in keys {
+    for is_time in times {
         let tag = r.take(1)?[0];
-        values.push(match (tag, k.field.is_time()) {
+        values.push(match (tag, *is_time) {
             (b'i', true) => {
                 let raw: [u8; 8] = r.take(8)?.try_into().map_err(|_| Malformed)?;
                 SortValue::Int(i64::from_be_bytes(raw))

@@ -568,7 +568,11 @@ fn import_field(index: u64, id: Identifier) -> String {
     format!("users[{index}].{}", id.field())
 }
 
-fn replay<T>(key: &IdempotencyKey, fingerprint: &str, result: T) -> Result<T, DomainError> {
+pub(super) fn replay<T>(
+    key: &IdempotencyKey,
+    fingerprint: &str,
+    result: T,
+) -> Result<T, DomainError> {
     if fingerprint == key.fingerprint {
         Ok(result)
     } else {

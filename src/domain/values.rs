@@ -26,7 +26,7 @@ fn is_id_char(c: char) -> bool {
 }
 
 /// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`
-fn check_resource_id(s: &str, what: &str) -> Result<(), Reason> {
+pub(crate) fn check_resource_id(s: &str, what: &str) -> Result<(), Reason> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.chars().all(is_id_char)

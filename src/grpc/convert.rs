@@ -265,7 +265,7 @@ fn parse_addresses(items: &[pb::Address], field: &str, v: &mut Violations) -> Ve
     out
 }
 
-fn parse_metadata(
+pub(super) fn parse_metadata(
     m: &BTreeMap<String, String>,
     field: &str,
     v: &mut Violations,
@@ -342,7 +342,7 @@ pub fn json_to_struct(m: &JsonMap<String, Json>) -> Struct {
     }
 }
 
-fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+pub(super) fn timestamp(t: Timestamp) -> prost_types::Timestamp {
     let (seconds, nanos) = t.seconds_and_nanos();
     prost_types::Timestamp { seconds, nanos }
 }
@@ -491,7 +491,7 @@ pub fn populated_fields(u: &pb::User) -> Vec<FieldPath> {
 /// fits well below it.
 pub const MAX_MASK_PATHS: usize = 100;
 /// Longest path (`metadata.` and a 64-character key, quoted).
-const MAX_MASK_PATH_BYTES: usize = 80;
+pub(super) const MAX_MASK_PATH_BYTES: usize = 80;
 
 /// Parses the paths of an update mask. `*` stands for every writable field.
 pub fn parse_mask(paths: &[String], v: &mut Violations) -> Vec<FieldPath> {
@@ -549,7 +549,7 @@ pub fn parse_mask(paths: &[String], v: &mut Violations) -> Vec<FieldPath> {
 }
 
 /// `displayName` to `display_name`: JSON clients send lowerCamelCase paths.
-fn snake_case(p: &str) -> String {
+pub(super) fn snake_case(p: &str) -> String {
     let mut out = String::with_capacity(p.len() + 4);
     for c in p.chars() {
         if c.is_ascii_uppercase() {
@@ -579,7 +579,7 @@ pub fn batch_fingerprint(req: &pb::BatchCreateUsersRequest) -> String {
     sha256_hex(&[b"batch:", &r.encode_to_vec()])
 }
 
-fn sha256_hex(parts: &[&[u8]]) -> String {
+pub(super) fn sha256_hex(parts: &[&[u8]]) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for p in parts {

@@ -5,6 +5,7 @@ pub mod audit;
 mod bulk;
 pub mod codec;
 pub mod convert;
+pub mod groups;
 pub mod overload;
 pub mod status;
 pub mod trace;

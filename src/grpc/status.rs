@@ -10,6 +10,7 @@ use crate::domain::{Denied, DomainError, Identifier, QueryProblem};
 
 pub const DOMAIN: &str = "user-service";
 const USER_TYPE: &str = "users.v1.User";
+const GROUP_TYPE: &str = "users.v1.Group";
 
 fn info(reason: &str, metadata: &[(&str, String)]) -> ErrorDetails {
     let md: HashMap<String, String> = metadata
@@ -233,6 +234,80 @@ impl From<DomainError> for Status {
                 status(
                     Code::ResourceExhausted,
                     format!("{field}: {description}"),
+                    d,
+                )
+            }
+            DomainError::GroupNotFound(name) => {
+                let mut d = info("GROUP_NOT_FOUND", &[("name", name.clone())]);
+                d.set_resource_info(GROUP_TYPE, name.clone(), "", "no such group");
+                status(Code::NotFound, format!("group {name} not found"), d)
+            }
+            DomainError::GroupAlreadyExists => status(
+                Code::AlreadyExists,
+                "a group with this name already exists",
+                info("GROUP_ALREADY_EXISTS", &[("field", "group_id".into())]),
+            ),
+            DomainError::MemberNotFound { field, name } => {
+                let name = bounded(&name);
+                let mut d = info(
+                    "MEMBER_NOT_FOUND",
+                    &[("field", field.clone()), ("name", name.clone())],
+                );
+                let kind = if name.contains("/groups/") {
+                    GROUP_TYPE
+                } else {
+                    USER_TYPE
+                };
+                d.set_resource_info(kind, name.clone(), "", "no such member; nothing was added");
+                status(
+                    Code::NotFound,
+                    format!("{field}: {name} not found; nothing was added"),
+                    d,
+                )
+            }
+            DomainError::GroupCycle { field, name } => {
+                let mut d = info(
+                    "GROUP_CYCLE",
+                    &[("field", field.clone()), ("name", name.clone())],
+                );
+                d.add_precondition_failure_violation(
+                    "GROUP_CYCLE",
+                    field.clone(),
+                    "the member contains this group, directly or through nested groups",
+                );
+                status(
+                    Code::FailedPrecondition,
+                    format!(
+                        "{field}: {name} contains this group (directly or through nested groups); \
+                         adding it would make a cycle; nothing was added"
+                    ),
+                    d,
+                )
+            }
+            DomainError::GroupTooDeep { field, name, depth } => {
+                let mut d = info(
+                    "GROUP_TOO_DEEP",
+                    &[
+                        ("field", field.clone()),
+                        ("name", name.clone()),
+                        ("depth", depth.to_string()),
+                    ],
+                );
+                d.add_precondition_failure_violation(
+                    "GROUP_TOO_DEEP",
+                    field.clone(),
+                    format!(
+                        "groups may be nested at most {} levels deep",
+                        crate::domain::group::MAX_NESTING
+                    ),
+                );
+                status(
+                    Code::FailedPrecondition,
+                    format!(
+                        "{field}: adding {name} would nest groups {depth} levels deep (at most {}); \
+                         nothing was added",
+                        crate::domain::group::MAX_NESTING
+                    ),
                     d,
                 )
             }

@@ -55,6 +55,34 @@ pub mod users {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod groups {
+    use sea_orm::entity::prelude::*;
+    use serde::{Deserialize, Serialize};
+
+    /// Also the idempotency record of a created group.
+    #[derive(Clone, Debug, Default, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize)]
+    #[serde(default)]
+    #[sea_orm(table_name = "groups")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub project: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub group_id: String,
+        pub display_name: String,
+        pub description: String,
+        /// JSON object of strings.
+        pub metadata: String,
+        pub create_time: i64,
+        pub update_time: i64,
+        pub revision: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 pub mod request_ids {
     use sea_orm::entity::prelude::*;
 

@@ -5,6 +5,7 @@ mod bulk;
 pub mod ceiling;
 mod entity;
 mod errors;
+mod groups;
 mod idempotency;
 pub mod nodelay;
 mod query;
@@ -301,6 +302,7 @@ impl SeaOrmRepository {
         limit: u64,
     ) -> Result<Vec<User>, DomainError> {
         let _turn = self.heavy_turn().await?;
+        let query = &*self.resolve_groups(query).await?;
         let backend = self.db.get_database_backend();
         let plan = self.plan(query).await?;
         let stmt = query::select_page(backend, query, &plan, after, limit);
@@ -367,6 +369,7 @@ impl SeaOrmRepository {
         after: Option<&Cursor>,
         limit: u64,
     ) -> Result<Vec<(String, Vec<String>)>, DomainError> {
+        let query = &*self.resolve_groups(query).await?;
         let backend = self.db.get_database_backend();
         let mut out = Vec::new();
         let plan = match query::plan(query) {
@@ -391,6 +394,7 @@ impl SeaOrmRepository {
         &self,
         query: &UserQuery,
     ) -> Result<Vec<(String, Vec<String>)>, DomainError> {
+        let query = &*self.resolve_groups(query).await?;
         let backend = self.db.get_database_backend();
         let driver = query::count_driver(query);
         Ok(vec![
@@ -643,6 +647,7 @@ impl UserRepository for SeaOrmRepository {
     #[instrument(skip_all, fields(project = %query.project))]
     async fn count(&self, query: &UserQuery) -> Result<u64, DomainError> {
         let _turn = self.heavy_turn().await?;
+        let query = &*self.resolve_groups(query).await?;
         let backend = self.db.get_database_backend();
         let driver = query::count_driver(query);
         let stmt = query::select_count(backend, query, driver.as_ref());

@@ -36,8 +36,7 @@ pub(crate) const SORT_LIMIT: u64 = 2000;
 /// filter, or the search prefix): the terms' index can drive the query.
 #[derive(Clone, Debug)]
 pub(crate) struct Driver {
-    kind: i16,
-    test: TermTest,
+    rows: Rows,
     /// The condition it stands for, left out of the WHERE clause when it
     /// drives (a second, probed copy would only skew the estimates).
     source: Source,
@@ -51,10 +50,29 @@ enum Source {
     Conjunct(usize),
 }
 
+/// The index rows a driver reads, one or more per selected user.
+#[derive(Clone, Debug)]
+enum Rows {
+    /// `user_terms` of one kind.
+    Terms { kind: i16, test: TermTest },
+    /// `group_users` of these groups (`groups:"g"`, resolved).
+    Members(Vec<String>),
+}
+
 impl Driver {
     /// One exact term: at most one row per user, in `create_time` order.
     fn is_exact(&self) -> bool {
-        matches!(self.test, TermTest::Eq(_))
+        matches!(
+            self.rows,
+            Rows::Terms {
+                test: TermTest::Eq(_),
+                ..
+            }
+        )
+    }
+
+    fn is_search(&self) -> bool {
+        matches!(self.rows, Rows::Terms { kind, .. } if kind == kinds::SEARCH)
     }
 }
 
@@ -80,8 +98,10 @@ fn drivers(q: &UserQuery) -> Vec<Driver> {
     let mut out = Vec::new();
     if let Some(prefix) = &q.search {
         out.push(Driver {
-            kind: kinds::SEARCH,
-            test: TermTest::Prefix(prefix.clone()),
+            rows: Rows::Terms {
+                kind: kinds::SEARCH,
+                test: TermTest::Prefix(prefix.clone()),
+            },
             source: Source::Search,
         });
     }
@@ -93,8 +113,14 @@ fn drivers(q: &UserQuery) -> Vec<Driver> {
     for (i, f) in top.iter().enumerate() {
         if let Some((kind, test)) = term_leaf(f) {
             out.push(Driver {
-                kind,
-                test,
+                rows: Rows::Terms { kind, test },
+                source: Source::Conjunct(i),
+            });
+        } else if let Filter::InGroup { within, .. } = f
+            && !within.is_empty()
+        {
+            out.push(Driver {
+                rows: Rows::Members(within.clone()),
                 source: Source::Conjunct(i),
             });
         }
@@ -108,7 +134,7 @@ fn drivers(q: &UserQuery) -> Vec<Driver> {
 pub(crate) fn plan(q: &UserQuery) -> Result<Plan, Driver> {
     let ds = drivers(q);
     if q.order.is_search_match() {
-        if let Some(d) = ds.into_iter().find(|d| d.kind == kinds::SEARCH) {
+        if let Some(d) = ds.into_iter().find(Driver::is_search) {
             return Ok(Plan::Match(d));
         }
         return Ok(Plan::Scan);
@@ -129,8 +155,8 @@ pub(crate) fn probe_count(backend: DatabaseBackend, q: &UserQuery, d: &Driver) -
     let c = Compiler { backend };
     let mut sub = Query::select();
     sub.expr(Expr::cust("1"))
-        .from_as(Alias::new("user_terms"), Alias::new("d"))
-        .cond_where(c.term_cond("d", Some(q.project.as_str()), d.kind, &d.test))
+        .from_as(Alias::new(d.rows.table()), Alias::new("d"))
+        .cond_where(c.rows_cond("d", q.project.as_str(), &d.rows))
         .limit(SORT_LIMIT + 1);
     let mut outer = Query::select();
     outer
@@ -377,6 +403,7 @@ impl Compiler {
                 None => Expr::cust("1 = 0"),
             },
             Filter::Metadata { key, op, value } => self.metadata(key, *op, value),
+            Filter::InGroup { within, .. } => self.in_groups(within),
         }
     }
 
@@ -479,11 +506,48 @@ impl Compiler {
         Expr::exists(sub)
     }
 
+    /// The conditions on the driver's row `alias` (of `rows.table()`).
+    fn rows_cond(&self, alias: &str, project: &str, rows: &Rows) -> Condition {
+        match rows {
+            Rows::Terms { kind, test } => self.term_cond(alias, Some(project), *kind, test),
+            Rows::Members(groups) => Condition::all()
+                .add(Expr::col((Alias::new(alias), Alias::new("project"))).eq(project))
+                .add(
+                    Expr::col((Alias::new(alias), Alias::new("group_id")))
+                        .is_in(groups.iter().cloned()),
+                ),
+        }
+    }
+
+    /// `EXISTS` a membership of the row's user in one of `groups`: one seek
+    /// of `ix_group_users_user` per group.
+    fn in_groups(&self, groups: &[String]) -> Expr {
+        if groups.is_empty() {
+            return Expr::cust("1 = 0");
+        }
+        let mut sub = Query::select();
+        sub.expr(Expr::cust("1"))
+            .from_as(Alias::new("group_users"), Alias::new("p"))
+            .and_where(
+                Expr::col((Alias::new("p"), Alias::new("project")))
+                    .equals((users::Entity, users::Column::Project)),
+            )
+            .and_where(
+                Expr::col((Alias::new("p"), Alias::new("user_id")))
+                    .equals((users::Entity, users::Column::UserId)),
+            )
+            .and_where(
+                Expr::col((Alias::new("p"), Alias::new("group_id"))).is_in(groups.iter().cloned()),
+            );
+        Expr::exists(sub)
+    }
+
     /// `FROM user_terms d JOIN users` on the user of each of the driver's
-    /// terms. A user with several terms in a range counts at its first.
+    /// terms (or memberships). A user with several terms in a range (or
+    /// several of the groups) counts at its first.
     fn drive(&self, s: &mut SelectStatement, q: &UserQuery, d: &Driver) {
         let dcol = |c: &str| Expr::col((Alias::new("d"), Alias::new(c)));
-        s.from_as(Alias::new("user_terms"), Alias::new("d"))
+        s.from_as(Alias::new(d.rows.table()), Alias::new("d"))
             .join(
                 JoinType::InnerJoin,
                 users::Entity,
@@ -497,12 +561,23 @@ impl Compiler {
                             .equals((Alias::new("d"), Alias::new("user_id"))),
                     ),
             )
-            .cond_where(self.term_cond("d", Some(q.project.as_str()), d.kind, &d.test));
-        if !d.is_exact() {
+            .cond_where(self.rows_cond("d", q.project.as_str(), &d.rows));
+        let single_group = matches!(&d.rows, Rows::Members(g) if g.len() == 1);
+        if !d.is_exact() && !single_group {
+            let (key, same) = match &d.rows {
+                Rows::Terms { kind, test } => ("term", self.term_cond("e", None, *kind, test)),
+                Rows::Members(groups) => (
+                    "group_id",
+                    Condition::all().add(
+                        Expr::col((Alias::new("e"), Alias::new("group_id")))
+                            .is_in(groups.iter().cloned()),
+                    ),
+                ),
+            };
             let mut earlier = Query::select();
             earlier
                 .expr(Expr::cust("1"))
-                .from_as(Alias::new("user_terms"), Alias::new("e"))
+                .from_as(Alias::new(d.rows.table()), Alias::new("e"))
                 .and_where(
                     Expr::col((Alias::new("e"), Alias::new("project")))
                         .equals((Alias::new("d"), Alias::new("project"))),
@@ -511,8 +586,8 @@ impl Compiler {
                     Expr::col((Alias::new("e"), Alias::new("user_id")))
                         .equals((Alias::new("d"), Alias::new("user_id"))),
                 )
-                .cond_where(self.term_cond("e", None, d.kind, &d.test))
-                .and_where(Expr::col((Alias::new("e"), Alias::new("term"))).lt(dcol("term")));
+                .cond_where(same)
+                .and_where(Expr::col((Alias::new("e"), Alias::new(key))).lt(dcol(key)));
             s.and_where(Expr::not_exists(earlier));
         }
     }
@@ -664,6 +739,15 @@ impl Compiler {
             any = any.add(all);
         }
         any.into()
+    }
+}
+
+impl Rows {
+    fn table(&self) -> &'static str {
+        match self {
+            Rows::Terms { .. } => "user_terms",
+            Rows::Members(_) => "group_users",
+        }
     }
 }
 

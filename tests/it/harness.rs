@@ -12,6 +12,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 use user_service::config::Settings;
 use user_service::proto::users::v1 as pb;
+use user_service::proto::users::v1::group_service_client::GroupServiceClient;
 use user_service::proto::users::v1::user_service_client::UserServiceClient;
 
 pub use pb::User;
@@ -38,6 +39,9 @@ impl tonic::service::Interceptor for Bearer {
 /// The client every test uses: the generated stub on a channel, with the
 /// server's default token when it requires one.
 pub type Client = UserServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// The GroupService stub, as `Client`.
+pub type Groups = GroupServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A shared HS256 secret in a file of its own, and tokens signed with it.
 pub struct AuthKeys {
@@ -307,6 +311,19 @@ impl TestServer {
             self.channel.clone(),
             Bearer::new(self.token.as_deref()),
         )
+    }
+
+    /// A GroupService client with the server's default token.
+    pub fn groups(&self) -> Groups {
+        GroupServiceClient::with_interceptor(
+            self.channel.clone(),
+            Bearer::new(self.token.as_deref()),
+        )
+    }
+
+    /// A GroupService client that sends `token` (or nothing).
+    pub fn groups_with(&self, token: Option<&str>) -> Groups {
+        GroupServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
     }
 
     /// A client that sends `token` (or nothing).

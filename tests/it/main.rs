@@ -12,6 +12,7 @@ mod crash;
 mod create;
 mod filter_property;
 mod fuzz;
+mod groups;
 mod isolation;
 mod lifecycle;
 mod limits;

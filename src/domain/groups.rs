@@ -1,0 +1,475 @@
+//! The rules of groups and memberships, independent of transport and storage.
+
+use std::future::Future;
+
+use tracing::instrument;
+
+use super::error::{DomainError, QueryProblem};
+use super::group::{
+    Group, GroupFields, GroupName, GroupPath, GroupQuery, Member, MemberKind, NewGroup, fingerprint,
+};
+use super::query::{
+    Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, SortValue, TokenError, decode_token, encode_token,
+};
+use super::repository::IdempotencyKey;
+use super::service::replay;
+use super::values::{ProjectId, Timestamp, UserName};
+
+/// What a group create stored, or found stored under the same key.
+#[derive(Debug)]
+pub enum GroupCreated {
+    New(Group),
+    Earlier { fingerprint: String, group: Group },
+}
+
+/// What the domain needs from storage for groups. Memberships are decided
+/// by the database: foreign keys refuse members that are gone, primary keys
+/// make every pair unique.
+pub trait GroupRepository: Send + Sync + 'static {
+    /// Inserts a new group with its idempotency key, in one transaction.
+    fn insert_group(
+        &self,
+        group: &Group,
+        key: Option<&IdempotencyKey>,
+    ) -> impl Future<Output = Result<GroupCreated, DomainError>> + Send;
+
+    /// The group stored under a CreateGroup idempotency key, if any.
+    fn find_group_request(
+        &self,
+        project: &ProjectId,
+        request_id: &str,
+    ) -> impl Future<Output = Result<Option<(String, Group)>, DomainError>> + Send;
+
+    fn get_group(
+        &self,
+        name: &GroupName,
+    ) -> impl Future<Output = Result<Option<Group>, DomainError>> + Send;
+
+    /// Writes `group` if the stored revision is still `previous_revision`.
+    fn save_group(
+        &self,
+        group: &Group,
+        previous_revision: i64,
+    ) -> impl Future<Output = Result<bool, DomainError>> + Send;
+
+    /// Deletes a group (and its memberships) if the stored revision is still
+    /// `expected_revision`.
+    fn delete_group(
+        &self,
+        name: &GroupName,
+        expected_revision: i64,
+    ) -> impl Future<Output = Result<bool, DomainError>> + Send;
+
+    /// Up to `limit` groups of `query`, in its order, after `after`.
+    fn list_groups(
+        &self,
+        query: &GroupQuery,
+        after: Option<&Cursor>,
+        limit: u64,
+    ) -> impl Future<Output = Result<Vec<Group>, DomainError>> + Send;
+
+    /// Adds the members all or none: GroupNotFound, MemberNotFound (with
+    /// the index in `members`), GroupCycle or GroupTooDeep otherwise.
+    fn add_members(
+        &self,
+        group: &GroupName,
+        members: &[Member],
+    ) -> impl Future<Output = Result<(), MembershipError>> + Send;
+
+    /// Removes those of `members` that are direct members.
+    fn remove_members(
+        &self,
+        group: &GroupName,
+        members: &[Member],
+    ) -> impl Future<Output = Result<(), MembershipError>> + Send;
+
+    /// Up to `limit` members after `after` (groups first, then users, each
+    /// by id); soft-deleted users left out. `None` if the group is missing.
+    fn list_members(
+        &self,
+        group: &GroupName,
+        transitive: bool,
+        after: Option<&Member>,
+        limit: u64,
+    ) -> impl Future<Output = Result<Option<Vec<Member>>, DomainError>> + Send;
+
+    /// Up to `limit` groups of a user by id after `after`. `None` if the
+    /// user is missing.
+    fn user_groups(
+        &self,
+        user: &UserName,
+        transitive: bool,
+        after: Option<&str>,
+        limit: u64,
+    ) -> impl Future<Output = Result<Option<Vec<Group>>, DomainError>> + Send;
+}
+
+/// Why a membership change stored nothing; indexes are positions in the
+/// request's `members`.
+#[derive(Debug)]
+pub enum MembershipError {
+    GroupNotFound,
+    MemberNotFound(usize),
+    Cycle(usize),
+    TooDeep { index: usize, depth: u32 },
+    Other(DomainError),
+}
+
+impl From<DomainError> for MembershipError {
+    fn from(e: DomainError) -> Self {
+        MembershipError::Other(e)
+    }
+}
+
+/// How often an update re-reads and retries after losing a race, when the
+/// caller did not pin an etag.
+const MAX_ATTEMPTS: usize = 32;
+
+/// One page of a list.
+#[derive(Debug)]
+pub struct ListPage<T> {
+    pub items: Vec<T>,
+    /// Empty on the last page.
+    pub next_page_token: String,
+}
+
+pub struct Groups<R> {
+    repo: R,
+}
+
+impl<R: GroupRepository> Groups<R> {
+    pub fn new(repo: R) -> Self {
+        Self { repo }
+    }
+
+    #[instrument(skip_all, fields(project = %new.project))]
+    pub async fn create(
+        &self,
+        new: NewGroup,
+        key: Option<IdempotencyKey>,
+        validate_only: bool,
+    ) -> Result<Group, DomainError> {
+        let group = new.into_group(Timestamp::now());
+        if validate_only {
+            if self.repo.get_group(&group.name()).await?.is_some() {
+                return Err(DomainError::GroupAlreadyExists);
+            }
+            return Ok(group);
+        }
+        if let Some(key) = &key
+            && let Some((fingerprint, earlier)) = self
+                .repo
+                .find_group_request(&group.project, &key.request_id)
+                .await?
+        {
+            return replay(key, &fingerprint, earlier);
+        }
+        match self.repo.insert_group(&group, key.as_ref()).await? {
+            GroupCreated::New(g) => Ok(g),
+            GroupCreated::Earlier { fingerprint, group } => match &key {
+                Some(key) => replay(key, &fingerprint, group),
+                None => Err(DomainError::Internal("replay without a key".into())),
+            },
+        }
+    }
+
+    #[instrument(skip_all, fields(project = %name.project))]
+    pub async fn get(&self, name: &GroupName) -> Result<Group, DomainError> {
+        self.repo
+            .get_group(name)
+            .await?
+            .ok_or_else(|| DomainError::GroupNotFound(name.to_string()))
+    }
+
+    #[instrument(skip_all, fields(project = %name.project))]
+    pub async fn update(
+        &self,
+        name: &GroupName,
+        etag: Option<&str>,
+        patch: &GroupFields,
+        paths: &[GroupPath],
+    ) -> Result<Group, DomainError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.get(name).await?;
+            if etag.is_some_and(|e| e != current.etag()) {
+                return Err(DomainError::EtagMismatch);
+            }
+            let mut next = current.clone();
+            next.fields.apply(patch, paths);
+            if next.fields.metadata.len() > super::user::MAX_METADATA {
+                return Err(DomainError::invalid(
+                    "group.metadata",
+                    format!(
+                        "a group has at most {} metadata keys; this update would leave {}",
+                        super::user::MAX_METADATA,
+                        next.fields.metadata.len()
+                    ),
+                ));
+            }
+            if next.fields == current.fields {
+                return Ok(current);
+            }
+            next.touch(Timestamp::now());
+            if self.repo.save_group(&next, current.revision).await? {
+                return Ok(next);
+            }
+            if etag.is_some() {
+                return Err(DomainError::EtagMismatch);
+            }
+        }
+        Err(DomainError::ConcurrentModification)
+    }
+
+    /// `Ok(None)`: nothing to delete and `allow_missing` was set.
+    #[instrument(skip_all, fields(project = %name.project))]
+    pub async fn delete(
+        &self,
+        name: &GroupName,
+        etag: Option<&str>,
+        allow_missing: bool,
+    ) -> Result<Option<Group>, DomainError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = match self.get(name).await {
+                Ok(g) => g,
+                Err(DomainError::GroupNotFound(_)) if allow_missing => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if etag.is_some_and(|e| e != current.etag()) {
+                return Err(DomainError::EtagMismatch);
+            }
+            if self.repo.delete_group(name, current.revision).await? {
+                return Ok(Some(current));
+            }
+            if etag.is_some() {
+                return Err(DomainError::EtagMismatch);
+            }
+        }
+        Err(DomainError::ConcurrentModification)
+    }
+
+    #[instrument(skip_all, fields(project = %query.project))]
+    pub async fn list(
+        &self,
+        query: &GroupQuery,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<ListPage<Group>, DomainError> {
+        use super::group::GroupOrderField;
+        let is_time = query.order.field == GroupOrderField::CreateTime;
+        let after = decode(&query.fingerprint, &[is_time], page_token)?;
+        let size = clamp(page_size);
+        let mut groups = self
+            .repo
+            .list_groups(query, after.as_ref(), u64::from(size) + 1)
+            .await?;
+        let next_page_token = if groups.len() > size as usize {
+            groups.truncate(size as usize);
+            groups
+                .last()
+                .map(|g| {
+                    let value = match query.order.field {
+                        GroupOrderField::CreateTime => SortValue::Int(g.create_time.nanos()),
+                        GroupOrderField::DisplayName => {
+                            SortValue::Text(g.fields.display_name.clone())
+                        }
+                    };
+                    encode_token(
+                        &query.fingerprint,
+                        &Cursor {
+                            values: vec![value],
+                            user_id: g.id.as_str().to_owned(),
+                        },
+                    )
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListPage {
+            items: groups,
+            next_page_token,
+        })
+    }
+
+    /// Adds members; `field` of an error is `members[i]` of the request.
+    #[instrument(skip_all, fields(project = %group.project, members = members.len()))]
+    pub async fn add_members(
+        &self,
+        group: &GroupName,
+        members: &[Member],
+    ) -> Result<Group, DomainError> {
+        if let Err(e) = self.repo.add_members(group, members).await {
+            return Err(membership_error(group, members, e));
+        }
+        self.get(group).await
+    }
+
+    #[instrument(skip_all, fields(project = %group.project, members = members.len()))]
+    pub async fn remove_members(
+        &self,
+        group: &GroupName,
+        members: &[Member],
+    ) -> Result<Group, DomainError> {
+        if let Err(e) = self.repo.remove_members(group, members).await {
+            return Err(membership_error(group, members, e));
+        }
+        self.get(group).await
+    }
+
+    #[instrument(skip_all, fields(project = %group.project))]
+    pub async fn list_members(
+        &self,
+        group: &GroupName,
+        transitive: bool,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<ListPage<Member>, DomainError> {
+        let fp = fingerprint(&[
+            "users.v1.members",
+            &group.to_string(),
+            if transitive { "1" } else { "0" },
+        ]);
+        let after = match decode(&fp, &[true], page_token)? {
+            None => None,
+            Some(c) => {
+                let kind = match c.values.first() {
+                    Some(SortValue::Int(n)) => MemberKind::from_rank(*n),
+                    _ => None,
+                };
+                match kind {
+                    Some(kind) => Some(Member {
+                        kind,
+                        id: c.user_id,
+                    }),
+                    None => return Err(bad_token(TokenError::Malformed)),
+                }
+            }
+        };
+        let size = clamp(page_size);
+        let mut members = self
+            .repo
+            .list_members(group, transitive, after.as_ref(), u64::from(size) + 1)
+            .await?
+            .ok_or_else(|| DomainError::GroupNotFound(group.to_string()))?;
+        let next_page_token = if members.len() > size as usize {
+            members.truncate(size as usize);
+            members
+                .last()
+                .map(|m| {
+                    encode_token(
+                        &fp,
+                        &Cursor {
+                            values: vec![SortValue::Int(m.kind.rank())],
+                            user_id: m.id.clone(),
+                        },
+                    )
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListPage {
+            items: members,
+            next_page_token,
+        })
+    }
+
+    #[instrument(skip_all, fields(project = %user.project))]
+    pub async fn user_groups(
+        &self,
+        user: &UserName,
+        transitive: bool,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<ListPage<Group>, DomainError> {
+        let fp = fingerprint(&[
+            "users.v1.user_groups",
+            &user.to_string(),
+            if transitive { "1" } else { "0" },
+        ]);
+        let after = decode(&fp, &[], page_token)?.map(|c| c.user_id);
+        let size = clamp(page_size);
+        let mut groups = self
+            .repo
+            .user_groups(user, transitive, after.as_deref(), u64::from(size) + 1)
+            .await?
+            .ok_or_else(|| DomainError::NotFound(user.to_string()))?;
+        let next_page_token = if groups.len() > size as usize {
+            groups.truncate(size as usize);
+            groups
+                .last()
+                .map(|g| {
+                    encode_token(
+                        &fp,
+                        &Cursor {
+                            values: vec![],
+                            user_id: g.id.as_str().to_owned(),
+                        },
+                    )
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListPage {
+            items: groups,
+            next_page_token,
+        })
+    }
+}
+
+fn membership_error(group: &GroupName, members: &[Member], e: MembershipError) -> DomainError {
+    let at = |i: usize| {
+        (
+            format!("members[{i}]"),
+            members
+                .get(i)
+                .map(|m| m.name(&group.project))
+                .unwrap_or_default(),
+        )
+    };
+    match e {
+        MembershipError::GroupNotFound => DomainError::GroupNotFound(group.to_string()),
+        MembershipError::MemberNotFound(i) => {
+            let (field, name) = at(i);
+            DomainError::MemberNotFound { field, name }
+        }
+        MembershipError::Cycle(i) => {
+            let (field, name) = at(i);
+            DomainError::GroupCycle { field, name }
+        }
+        MembershipError::TooDeep { index, depth } => {
+            let (field, name) = at(index);
+            DomainError::GroupTooDeep { field, name, depth }
+        }
+        MembershipError::Other(e) => e,
+    }
+}
+
+fn clamp(page_size: u32) -> u32 {
+    match page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    }
+}
+
+fn bad_token(e: TokenError) -> DomainError {
+    DomainError::BadQuery {
+        reason: QueryProblem::PageToken,
+        field: "page_token",
+        description: match e {
+            TokenError::Malformed => "not a token of this service, or damaged",
+            TokenError::OtherQuery => {
+                "belongs to another request: the other fields must stay the same"
+            }
+        }
+        .into(),
+    }
+}
+
+fn decode(fp: &[u8; 8], times: &[bool], token: &str) -> Result<Option<Cursor>, DomainError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    decode_token(fp, times, token).map(Some).map_err(bad_token)
+}

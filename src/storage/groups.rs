@@ -1,0 +1,915 @@
+//! Groups and memberships (see `m20261203_000006_groups`).
+//!
+//! Membership changes run in one transaction that first locks the group's
+//! row (an update that changes nothing): on SQLite it takes the write lock
+//! before anything is read, on PostgreSQL it orders changes of one group and
+//! holds a concurrent DeleteGroup back. Changes that nest groups also take a
+//! per-project advisory lock on PostgreSQL, so that two replicas adding
+//! `a` into `b` and `b` into `a` at once cannot both pass the cycle check.
+//! Foreign keys refuse a member erased meanwhile.
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashSet};
+
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseTransaction, DbErr, EntityTrait, SqlErr, Statement,
+    TransactionTrait, Value,
+};
+use sha2::{Digest, Sha256};
+use tracing::instrument;
+
+use super::entity::groups;
+use super::{SeaOrmRepository, db_error, json, unjson};
+use crate::domain::filter::{Filter, Op, Pattern, TextField, TimeField};
+use crate::domain::group::{GroupOrderField, MAX_NESTING};
+use crate::domain::query::SortValue;
+use crate::domain::{
+    Cursor, DomainError, Group, GroupCreated, GroupFields, GroupId, GroupName, GroupQuery,
+    GroupRepository, IdempotencyKey, Member, MemberKind, MembershipError, ProjectId, Timestamp,
+    UserName, UserQuery,
+};
+
+/// Nested groups one transitive read merges per statement.
+const GROUPS_PER_STATEMENT: usize = 100;
+
+/// A statement from SQL with `?` marks (numbered `$1`, `$2`, ... on
+/// PostgreSQL). The SQL here never holds a `?` of its own.
+pub(crate) fn sql(backend: DatabaseBackend, template: &str, values: Vec<Value>) -> Statement {
+    let text = if backend == DatabaseBackend::Postgres {
+        let mut out = String::with_capacity(template.len() + 16);
+        let mut n = 0;
+        for ch in template.chars() {
+            if ch == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(ch);
+            }
+        }
+        out
+    } else {
+        template.to_owned()
+    };
+    Statement::from_sql_and_values(backend, text, values)
+}
+
+/// `?, ?, ?` for `n` values.
+fn marks(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+fn v(s: &str) -> Value {
+    Value::from(s.to_owned())
+}
+
+/// The idempotency keys of CreateGroup share `request_ids` with CreateUser
+/// under this prefix, which no request_id can start with (`/` is not
+/// allowed in one).
+fn group_key(request_id: &str) -> String {
+    format!("groups/{request_id}")
+}
+
+fn to_model(g: &Group) -> Result<groups::Model, DomainError> {
+    Ok(groups::Model {
+        project: g.project.as_str().to_owned(),
+        group_id: g.id.as_str().to_owned(),
+        display_name: g.fields.display_name.clone(),
+        description: g.fields.description.clone(),
+        metadata: json(&g.fields.metadata)?,
+        create_time: g.create_time.nanos(),
+        update_time: g.update_time.nanos(),
+        revision: g.revision,
+    })
+}
+
+fn from_model(m: groups::Model) -> Result<Group, DomainError> {
+    if m.project.is_empty() || m.group_id.is_empty() {
+        return Err(DomainError::Internal("group record without a name".into()));
+    }
+    Ok(Group {
+        fields: GroupFields {
+            display_name: m.display_name,
+            description: m.description,
+            metadata: unjson(&m.metadata)?,
+        },
+        project: ProjectId::from_stored(m.project),
+        id: GroupId::from_stored(m.group_id),
+        create_time: Timestamp::from_nanos(m.create_time),
+        update_time: Timestamp::from_nanos(m.update_time),
+        revision: m.revision,
+    })
+}
+
+/// The advisory lock of a project's group nesting (PostgreSQL).
+fn nesting_lock_key(project: &ProjectId) -> i64 {
+    let d = Sha256::new()
+        .chain_update(b"users.v1.group_nesting")
+        .chain_update(project.as_str().as_bytes())
+        .finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(b)
+}
+
+fn is_foreign_key_violation(e: &DbErr) -> bool {
+    matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_)))
+}
+
+impl SeaOrmRepository {
+    fn backend(&self) -> DatabaseBackend {
+        self.db.get_database_backend()
+    }
+
+    async fn strings<C: ConnectionTrait>(
+        conn: &C,
+        stmt: Statement,
+    ) -> Result<Vec<String>, DomainError> {
+        conn.query_all_raw(stmt)
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0).map_err(db_error))
+            .collect()
+    }
+
+    async fn group_rows<C: ConnectionTrait>(
+        conn: &C,
+        stmt: Statement,
+    ) -> Result<Vec<Group>, DomainError> {
+        groups::Entity::find()
+            .from_raw_sql(stmt)
+            .all(conn)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(from_model)
+            .collect()
+    }
+
+    /// `group` and every group nested in it, at any depth; empty if the
+    /// group does not exist.
+    async fn closure<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        project: &str,
+        group: &str,
+    ) -> Result<Vec<String>, DomainError> {
+        let stmt = sql(
+            self.backend(),
+            "WITH RECURSIVE down(g) AS (\
+               SELECT group_id FROM groups WHERE project = ? AND group_id = ? \
+               UNION \
+               SELECT m.member_id FROM group_groups m JOIN down ON m.group_id = down.g \
+               WHERE m.project = ?) \
+             SELECT g FROM down",
+            vec![v(project), v(group), v(project)],
+        );
+        Self::strings(conn, stmt).await
+    }
+
+    /// The longest chain of memberships below (`down`) or above a group,
+    /// counted up to `MAX_NESTING + 1`, and (below) the groups reached.
+    async fn reach<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        project: &str,
+        group: &str,
+        down: bool,
+    ) -> Result<(u32, HashSet<String>), DomainError> {
+        let (next, join) = if down {
+            ("m.member_id", "m.group_id")
+        } else {
+            ("m.group_id", "m.member_id")
+        };
+        let stmt = sql(
+            self.backend(),
+            &format!(
+                "WITH RECURSIVE r(g, d) AS (\
+                   SELECT group_id, 0 FROM groups WHERE project = ? AND group_id = ? \
+                   UNION \
+                   SELECT {next}, r.d + 1 FROM group_groups m JOIN r ON {join} = r.g \
+                   WHERE m.project = ? AND r.d <= ?) \
+                 SELECT g, d FROM r"
+            ),
+            vec![
+                v(project),
+                v(group),
+                v(project),
+                Value::from(MAX_NESTING as i32),
+            ],
+        );
+        let rows = conn.query_all_raw(stmt).await.map_err(db_error)?;
+        let mut depth = 0u32;
+        let mut reached = HashSet::new();
+        for r in rows {
+            let g: String = r.try_get_by_index(0).map_err(db_error)?;
+            let d: i32 = r.try_get_by_index(1).map_err(db_error)?;
+            depth = depth.max(d.max(0) as u32);
+            reached.insert(g);
+        }
+        Ok((depth, reached))
+    }
+
+    /// Locks the group's row for a membership change; false if it is gone.
+    async fn lock_group(
+        &self,
+        txn: &DatabaseTransaction,
+        name: &GroupName,
+        nesting: bool,
+    ) -> Result<bool, DomainError> {
+        if nesting && self.backend() == DatabaseBackend::Postgres {
+            txn.execute_raw(sql(
+                self.backend(),
+                "SELECT pg_advisory_xact_lock(?)",
+                vec![Value::from(nesting_lock_key(&name.project))],
+            ))
+            .await
+            .map_err(db_error)?;
+        }
+        let res = txn
+            .execute_raw(sql(
+                self.backend(),
+                "UPDATE groups SET revision = revision WHERE project = ? AND group_id = ?",
+                vec![v(name.project.as_str()), v(name.group.as_str())],
+            ))
+            .await
+            .map_err(db_error)?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Which of `ids` exist (users: not past their purge time).
+    async fn existing<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        project: &str,
+        kind: MemberKind,
+        ids: &[&str],
+    ) -> Result<HashSet<String>, DomainError> {
+        let mut out = HashSet::new();
+        for chunk in ids.chunks(500) {
+            let mut values = vec![v(project)];
+            values.extend(chunk.iter().map(|s| v(s)));
+            let template = match kind {
+                MemberKind::User => {
+                    values.push(Value::from(Timestamp::now().nanos()));
+                    format!(
+                        "SELECT user_id FROM users WHERE project = ? AND user_id IN ({}) \
+                         AND (purge_time IS NULL OR purge_time > ?)",
+                        marks(chunk.len())
+                    )
+                }
+                MemberKind::Group => format!(
+                    "SELECT group_id FROM groups WHERE project = ? AND group_id IN ({})",
+                    marks(chunk.len())
+                ),
+            };
+            out.extend(Self::strings(conn, sql(self.backend(), &template, values)).await?);
+        }
+        Ok(out)
+    }
+
+    async fn add_in(
+        &self,
+        txn: &DatabaseTransaction,
+        name: &GroupName,
+        members: &[Member],
+    ) -> Result<(), MembershipError> {
+        let project = name.project.as_str();
+        let nesting = members.iter().any(|m| m.kind == MemberKind::Group);
+        if !self.lock_group(txn, name, nesting).await? {
+            return Err(MembershipError::GroupNotFound);
+        }
+        for kind in [MemberKind::User, MemberKind::Group] {
+            let ids: Vec<&str> = members
+                .iter()
+                .filter(|m| m.kind == kind)
+                .map(|m| m.id.as_str())
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let found = self.existing(txn, project, kind, &ids).await?;
+            if let Some(i) = members
+                .iter()
+                .position(|m| m.kind == kind && !found.contains(&m.id))
+            {
+                return Err(MembershipError::MemberNotFound(i));
+            }
+        }
+        if nesting {
+            let (above, _) = self.reach(txn, project, name.group.as_str(), false).await?;
+            let mut seen = HashSet::new();
+            for (i, m) in members.iter().enumerate() {
+                if m.kind != MemberKind::Group || !seen.insert(m.id.as_str()) {
+                    continue;
+                }
+                if m.id == name.group.as_str() {
+                    return Err(MembershipError::Cycle(i));
+                }
+                let (below, reached) = self.reach(txn, project, &m.id, true).await?;
+                if reached.contains(name.group.as_str()) {
+                    return Err(MembershipError::Cycle(i));
+                }
+                let depth = above + 1 + below;
+                if depth > MAX_NESTING {
+                    return Err(MembershipError::TooDeep { index: i, depth });
+                }
+            }
+        }
+        for kind in [MemberKind::User, MemberKind::Group] {
+            let ids: BTreeSet<&str> = members
+                .iter()
+                .filter(|m| m.kind == kind)
+                .map(|m| m.id.as_str())
+                .collect();
+            let ids: Vec<&str> = ids.into_iter().collect();
+            let (table, column) = member_table(kind);
+            for chunk in ids.chunks(500) {
+                let rows = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+                let mut values = Vec::with_capacity(chunk.len() * 3);
+                for id in chunk {
+                    values.extend([v(project), v(name.group.as_str()), v(id)]);
+                }
+                let stmt = sql(
+                    self.backend(),
+                    &format!(
+                        "INSERT INTO {table} (project, group_id, {column}) VALUES {rows} \
+                         ON CONFLICT DO NOTHING"
+                    ),
+                    values,
+                );
+                if let Err(e) = txn.execute_raw(stmt).await {
+                    // A member erased (or a group deleted) since the check.
+                    return Err(if is_foreign_key_violation(&e) {
+                        MembershipError::Other(DomainError::ConcurrentModification)
+                    } else {
+                        MembershipError::Other(db_error(e))
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The direct member groups of `group` after `after`, or (transitive)
+    /// every group nested in it; sorted by id.
+    async fn member_groups(
+        &self,
+        name: &GroupName,
+        transitive: bool,
+        after: &str,
+        limit: u64,
+    ) -> Result<Vec<String>, DomainError> {
+        let project = name.project.as_str();
+        if transitive {
+            let mut all = self.closure(&self.db, project, name.group.as_str()).await?;
+            all.retain(|g| g.as_str() != name.group.as_str() && g.as_str() > after);
+            all.sort();
+            all.truncate(limit as usize);
+            return Ok(all);
+        }
+        let stmt = sql(
+            self.backend(),
+            "SELECT member_id FROM group_groups WHERE project = ? AND group_id = ? \
+             AND member_id > ? ORDER BY member_id LIMIT ?",
+            vec![
+                v(project),
+                v(name.group.as_str()),
+                v(after),
+                Value::from(limit as i64),
+            ],
+        );
+        Self::strings(&self.db, stmt).await
+    }
+
+    /// Users that are members of any of `groups` (and not soft-deleted),
+    /// after `after`, sorted by id, each once: every group is read from
+    /// `after` on for at most `limit` rows, so the cost does not grow with
+    /// the size of the groups.
+    async fn member_users(
+        &self,
+        project: &str,
+        groups: &[String],
+        after: &str,
+        limit: u64,
+    ) -> Result<Vec<String>, DomainError> {
+        let one = "SELECT gu.user_id FROM group_users gu \
+                   JOIN users u ON u.project = gu.project AND u.user_id = gu.user_id \
+                   WHERE gu.project = ? AND gu.group_id = ? AND gu.user_id > ? \
+                   AND u.delete_time IS NULL ORDER BY gu.user_id LIMIT ?";
+        let mut out = BTreeSet::new();
+        for chunk in groups.chunks(GROUPS_PER_STATEMENT) {
+            let template = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, _)| format!("SELECT user_id FROM ({one}) AS t{i}"))
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ");
+            let mut values = Vec::with_capacity(chunk.len() * 4);
+            for g in chunk {
+                values.extend([v(project), v(g), v(after), Value::from(limit as i64)]);
+            }
+            out.extend(Self::strings(&self.db, sql(self.backend(), &template, values)).await?);
+            // Only the first `limit` can be on this page.
+            while out.len() as u64 > limit {
+                out.pop_last();
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// `query` with every `groups:"g"` resolved to `g` and the groups nested
+    /// in it (see `Filter::InGroup`).
+    pub(crate) async fn resolve_groups<'q>(
+        &self,
+        query: &'q UserQuery,
+    ) -> Result<Cow<'q, UserQuery>, DomainError> {
+        fn has_group(f: &Filter) -> bool {
+            match f {
+                Filter::InGroup { .. } => true,
+                Filter::And(p) | Filter::Or(p) => p.iter().any(has_group),
+                Filter::Not(f) => has_group(f),
+                _ => false,
+            }
+        }
+        match &query.filter {
+            Some(f) if has_group(f) => {}
+            _ => return Ok(Cow::Borrowed(query)),
+        }
+        let mut q = query.clone();
+        if let Some(f) = &mut q.filter {
+            let mut pending = vec![f];
+            while let Some(f) = pending.pop() {
+                match f {
+                    Filter::InGroup { group, within } => {
+                        *within = self
+                            .closure(&self.db, query.project.as_str(), group)
+                            .await?;
+                    }
+                    Filter::And(p) | Filter::Or(p) => pending.extend(p.iter_mut()),
+                    Filter::Not(f) => pending.push(f),
+                    _ => {}
+                }
+            }
+        }
+        Ok(Cow::Owned(q))
+    }
+}
+
+fn member_table(kind: MemberKind) -> (&'static str, &'static str) {
+    match kind {
+        MemberKind::User => ("group_users", "user_id"),
+        MemberKind::Group => ("group_groups", "member_id"),
+    }
+}
+
+impl GroupRepository for SeaOrmRepository {
+    #[instrument(skip_all, fields(project = %group.project))]
+    async fn insert_group(
+        &self,
+        group: &Group,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<GroupCreated, DomainError> {
+        let model = to_model(group)?;
+        let txn = self.db.begin().await.map_err(db_error)?;
+        if let Some(key) = key {
+            let response = serde_json::to_string(&model)
+                .map_err(|e| DomainError::Internal(format!("encode idempotency record: {e}")))?;
+            let stmt = sql(
+                self.backend(),
+                "INSERT INTO request_ids (project, request_id, fingerprint, user_id, response, \
+                 create_time) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                vec![
+                    v(group.project.as_str()),
+                    v(&group_key(&key.request_id)),
+                    v(&key.fingerprint),
+                    v(group.id.as_str()),
+                    Value::from(response),
+                    Value::from(group.create_time.nanos()),
+                ],
+            );
+            let claimed = txn.execute_raw(stmt).await.map_err(db_error)?;
+            if claimed.rows_affected() == 0 {
+                let _ = txn.rollback().await;
+                return match self
+                    .find_group_request(&group.project, &key.request_id)
+                    .await?
+                {
+                    Some((fingerprint, group)) => Ok(GroupCreated::Earlier { fingerprint, group }),
+                    None => Err(DomainError::ConcurrentModification),
+                };
+            }
+        }
+        let am: groups::ActiveModel = model.into();
+        if let Err(e) = groups::Entity::insert(am)
+            .exec_without_returning(&txn)
+            .await
+        {
+            let _ = txn.rollback().await;
+            return Err(match e.sql_err() {
+                Some(SqlErr::UniqueConstraintViolation(_)) => DomainError::GroupAlreadyExists,
+                _ => db_error(e),
+            });
+        }
+        txn.commit().await.map_err(db_error)?;
+        Ok(GroupCreated::New(group.clone()))
+    }
+
+    async fn find_group_request(
+        &self,
+        project: &ProjectId,
+        request_id: &str,
+    ) -> Result<Option<(String, Group)>, DomainError> {
+        let stmt = sql(
+            self.backend(),
+            "SELECT fingerprint, response FROM request_ids WHERE project = ? AND request_id = ?",
+            vec![v(project.as_str()), v(&group_key(request_id))],
+        );
+        let Some(row) = self.db.query_one_raw(stmt).await.map_err(db_error)? else {
+            return Ok(None);
+        };
+        let fingerprint: String = row.try_get_by_index(0).map_err(db_error)?;
+        let response: String = row.try_get_by_index(1).map_err(db_error)?;
+        let model: groups::Model = serde_json::from_str(&response)
+            .map_err(|e| DomainError::Internal(format!("group idempotency record: {e}")))?;
+        Ok(Some((fingerprint, from_model(model)?)))
+    }
+
+    #[instrument(skip_all, fields(project = %name.project))]
+    async fn get_group(&self, name: &GroupName) -> Result<Option<Group>, DomainError> {
+        groups::Entity::find_by_id((
+            name.project.as_str().to_owned(),
+            name.group.as_str().to_owned(),
+        ))
+        .one(&self.db)
+        .await
+        .map_err(db_error)?
+        .map(from_model)
+        .transpose()
+    }
+
+    #[instrument(skip_all, fields(project = %group.project))]
+    async fn save_group(&self, group: &Group, previous_revision: i64) -> Result<bool, DomainError> {
+        let m = to_model(group)?;
+        let stmt = sql(
+            self.backend(),
+            "UPDATE groups SET display_name = ?, description = ?, metadata = ?, \
+             update_time = ?, revision = ? WHERE project = ? AND group_id = ? AND revision = ?",
+            vec![
+                Value::from(m.display_name),
+                Value::from(m.description),
+                Value::from(m.metadata),
+                Value::from(m.update_time),
+                Value::from(m.revision),
+                Value::from(m.project),
+                Value::from(m.group_id),
+                Value::from(previous_revision),
+            ],
+        );
+        let res = self.db.execute_raw(stmt).await.map_err(db_error)?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    #[instrument(skip_all, fields(project = %name.project))]
+    async fn delete_group(
+        &self,
+        name: &GroupName,
+        expected_revision: i64,
+    ) -> Result<bool, DomainError> {
+        // The memberships go with it (ON DELETE CASCADE).
+        let stmt = sql(
+            self.backend(),
+            "DELETE FROM groups WHERE project = ? AND group_id = ? AND revision = ?",
+            vec![
+                v(name.project.as_str()),
+                v(name.group.as_str()),
+                Value::from(expected_revision),
+            ],
+        );
+        let res = self.db.execute_raw(stmt).await.map_err(db_error)?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    #[instrument(skip_all, fields(project = %query.project))]
+    async fn list_groups(
+        &self,
+        query: &GroupQuery,
+        after: Option<&Cursor>,
+        limit: u64,
+    ) -> Result<Vec<Group>, DomainError> {
+        let pg = self.backend() == DatabaseBackend::Postgres;
+        let mut values = vec![v(query.project.as_str())];
+        let mut conds = vec!["project = ?".to_owned()];
+        if let Some(f) = &query.filter {
+            conds.push(group_filter(pg, f, &mut values));
+        }
+        let sort = match query.order.field {
+            GroupOrderField::CreateTime => "create_time",
+            GroupOrderField::DisplayName => "display_name",
+        };
+        let dir = if query.order.desc { "DESC" } else { "ASC" };
+        if let Some(c) = after {
+            let op = if query.order.desc { "<" } else { ">" };
+            conds.push(format!("({sort}, group_id) {op} (?, ?)"));
+            values.push(match c.values.first() {
+                Some(SortValue::Int(n)) => Value::from(*n),
+                Some(SortValue::Text(s)) => v(s),
+                None => return Err(DomainError::Internal("cursor without a value".into())),
+            });
+            values.push(v(&c.user_id));
+        }
+        values.push(Value::from(limit as i64));
+        let template = format!(
+            "SELECT * FROM groups WHERE {} ORDER BY {sort} {dir}, group_id {dir} LIMIT ?",
+            conds.join(" AND ")
+        );
+        let _turn = self.heavy_turn().await?;
+        Self::group_rows(&self.db, sql(self.backend(), &template, values)).await
+    }
+
+    async fn add_members(
+        &self,
+        group: &GroupName,
+        members: &[Member],
+    ) -> Result<(), MembershipError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        match self.add_in(&txn, group, members).await {
+            Ok(()) => {
+                txn.commit().await.map_err(db_error)?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = txn.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn remove_members(
+        &self,
+        group: &GroupName,
+        members: &[Member],
+    ) -> Result<(), MembershipError> {
+        let project = group.project.as_str();
+        let txn = self.db.begin().await.map_err(db_error)?;
+        if !self.lock_group(&txn, group, false).await? {
+            let _ = txn.rollback().await;
+            return Err(MembershipError::GroupNotFound);
+        }
+        for kind in [MemberKind::User, MemberKind::Group] {
+            let ids: Vec<&str> = members
+                .iter()
+                .filter(|m| m.kind == kind)
+                .map(|m| m.id.as_str())
+                .collect();
+            let (table, column) = member_table(kind);
+            for chunk in ids.chunks(500) {
+                let mut values = vec![v(project), v(group.group.as_str())];
+                values.extend(chunk.iter().map(|s| v(s)));
+                let stmt = sql(
+                    self.backend(),
+                    &format!(
+                        "DELETE FROM {table} WHERE project = ? AND group_id = ? AND {column} IN ({})",
+                        marks(chunk.len())
+                    ),
+                    values,
+                );
+                if let Err(e) = txn.execute_raw(stmt).await {
+                    let _ = txn.rollback().await;
+                    return Err(db_error(e).into());
+                }
+            }
+        }
+        txn.commit().await.map_err(db_error)?;
+        Ok(())
+    }
+
+    #[instrument(skip_all, fields(project = %group.project))]
+    async fn list_members(
+        &self,
+        group: &GroupName,
+        transitive: bool,
+        after: Option<&Member>,
+        limit: u64,
+    ) -> Result<Option<Vec<Member>>, DomainError> {
+        if self.get_group(group).await?.is_none() {
+            return Ok(None);
+        }
+        let _turn = self.heavy_turn().await?;
+        let mut out = Vec::new();
+        let after_group = match after {
+            None => Some(""),
+            Some(m) if m.kind == MemberKind::Group => Some(m.id.as_str()),
+            Some(_) => None,
+        };
+        if let Some(after_group) = after_group {
+            for id in self
+                .member_groups(group, transitive, after_group, limit)
+                .await?
+            {
+                out.push(Member {
+                    kind: MemberKind::Group,
+                    id,
+                });
+            }
+        }
+        let room = limit.saturating_sub(out.len() as u64);
+        if room > 0 {
+            let after_user = match after {
+                Some(m) if m.kind == MemberKind::User => m.id.as_str(),
+                _ => "",
+            };
+            let project = group.project.as_str();
+            let groups = if transitive {
+                self.closure(&self.db, project, group.group.as_str())
+                    .await?
+            } else {
+                vec![group.group.as_str().to_owned()]
+            };
+            for id in self
+                .member_users(project, &groups, after_user, room)
+                .await?
+            {
+                out.push(Member {
+                    kind: MemberKind::User,
+                    id,
+                });
+            }
+        }
+        Ok(Some(out))
+    }
+
+    #[instrument(skip_all, fields(project = %user.project))]
+    async fn user_groups(
+        &self,
+        user: &UserName,
+        transitive: bool,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Option<Vec<Group>>, DomainError> {
+        let project = user.project.as_str();
+        let exists = sql(
+            self.backend(),
+            "SELECT user_id FROM users WHERE project = ? AND user_id = ? \
+             AND (purge_time IS NULL OR purge_time > ?)",
+            vec![
+                v(project),
+                v(user.user.as_str()),
+                Value::from(Timestamp::now().nanos()),
+            ],
+        );
+        if Self::strings(&self.db, exists).await?.is_empty() {
+            return Ok(None);
+        }
+        let _turn = self.heavy_turn().await?;
+        let (template, mut values) = if transitive {
+            (
+                "WITH RECURSIVE up(g) AS (\
+                   SELECT group_id FROM group_users WHERE project = ? AND user_id = ? \
+                   UNION \
+                   SELECT m.group_id FROM group_groups m JOIN up ON m.member_id = up.g \
+                   WHERE m.project = ?) \
+                 SELECT * FROM groups WHERE project = ? AND group_id IN (SELECT g FROM up) \
+                 AND group_id > ? ORDER BY group_id LIMIT ?",
+                vec![v(project), v(user.user.as_str()), v(project), v(project)],
+            )
+        } else {
+            // The user's memberships in id order (ix_group_users_user).
+            (
+                "SELECT g.* FROM group_users gu \
+                 JOIN groups g ON g.project = gu.project AND g.group_id = gu.group_id \
+                 WHERE gu.project = ? AND gu.user_id = ? AND gu.group_id > ? \
+                 ORDER BY gu.group_id LIMIT ?",
+                vec![v(project), v(user.user.as_str())],
+            )
+        };
+        values.extend([v(after.unwrap_or("")), Value::from(limit as i64)]);
+        Ok(Some(
+            Self::group_rows(&self.db, sql(self.backend(), template, values)).await?,
+        ))
+    }
+}
+
+/// A ListGroups filter as SQL over `groups` (values appended to `values`
+/// in the order of their marks). Every leaf is TRUE or FALSE, never NULL,
+/// so `NOT` is exact.
+fn group_filter(pg: bool, f: &Filter, values: &mut Vec<Value>) -> String {
+    let binary = |e: &str| {
+        if pg {
+            format!("{e} COLLATE \"C\"")
+        } else {
+            e.to_owned()
+        }
+    };
+    match f {
+        Filter::And(parts) | Filter::Or(parts) => {
+            let glue = if matches!(f, Filter::And(_)) {
+                " AND "
+            } else {
+                " OR "
+            };
+            let inner: Vec<String> = parts.iter().map(|p| group_filter(pg, p, values)).collect();
+            format!("({})", inner.join(glue))
+        }
+        Filter::Not(inner) => format!("NOT ({})", group_filter(pg, inner, values)),
+        Filter::Const(b) => if *b { "1 = 1" } else { "1 = 0" }.into(),
+        Filter::Text {
+            field: TextField::DisplayName,
+            op,
+            value,
+        } => text_cmp(&(binary("display_name"), vec![]), *op, value, values, pg),
+        Filter::Time {
+            field: TimeField::CreateTime,
+            op,
+            nanos,
+        } => {
+            values.push(Value::from(*nanos));
+            format!("create_time {} ?", sql_op(*op))
+        }
+        Filter::Metadata { key, op, value } => {
+            // The key's value is NULL when absent: every comparison, `!=`
+            // included, needs the key present.
+            let (expr, key_values) = json_value(pg, key);
+            values.extend(key_values.iter().cloned());
+            let cmp = text_cmp(&(binary(&expr), key_values), *op, value, values, pg);
+            format!("({expr} IS NOT NULL AND {cmp})")
+        }
+        Filter::HasMetadataKey(key) => {
+            let (expr, key_values) = json_value(pg, key);
+            values.extend(key_values);
+            format!("({expr} IS NOT NULL)")
+        }
+        // The parser allows no other field for groups.
+        _ => "1 = 0".into(),
+    }
+}
+
+/// The metadata value of `key` as text (NULL when absent), with its values.
+fn json_value(pg: bool, key: &str) -> (String, Vec<Value>) {
+    if pg {
+        (
+            "(CAST(metadata AS jsonb) ->> CAST(? AS TEXT))".into(),
+            vec![v(key)],
+        )
+    } else {
+        (
+            "json_extract(metadata, ?)".into(),
+            vec![Value::from(format!("$.\"{key}\""))],
+        )
+    }
+}
+
+/// `col op value`; `col` is SQL with the values of its own marks, repeated
+/// wherever it appears.
+fn text_cmp(
+    col: &(String, Vec<Value>),
+    op: Op,
+    value: &Pattern,
+    values: &mut Vec<Value>,
+    pg: bool,
+) -> String {
+    let (c, own) = col;
+    let chars = |s: &str| Value::from(s.chars().count() as i32);
+    let positive = match value {
+        Pattern::Exact(s) => {
+            values.extend(own.iter().cloned());
+            values.push(v(s));
+            let o = if op == Op::Ne { "=" } else { sql_op(op) };
+            format!("{c} {o} ?")
+        }
+        Pattern::Prefix(p) => {
+            values.extend(own.iter().cloned());
+            values.extend([chars(p), v(p)]);
+            format!("substr({c}, 1, ?) = ?")
+        }
+        Pattern::Suffix(s) => {
+            values.extend(own.iter().cloned());
+            values.extend(own.iter().cloned());
+            values.extend([chars(s), v(s)]);
+            format!("substr({c}, length({c}) - ? + 1) = ?")
+        }
+        Pattern::Contains(s) => {
+            values.extend(own.iter().cloned());
+            values.push(v(s));
+            let f = if pg { "strpos" } else { "instr" };
+            format!("{f}({c}, ?) > 0")
+        }
+    };
+    if op == Op::Ne {
+        format!("NOT ({positive})")
+    } else {
+        positive
+    }
+}
+
+fn sql_op(op: Op) -> &'static str {
+    match op {
+        Op::Eq => "=",
+        Op::Ne => "<>",
+        Op::Lt => "<",
+        Op::Le => "<=",
+        Op::Gt => ">",
+        Op::Ge => ">=",
+    }
+}
