@@ -53,6 +53,11 @@ enum Scenario {
     /// client, with the server's peak RSS; then the same rows read raw with
     /// keyset queries (the ceiling).
     Stream,
+    /// Groups at scale: imports `--group-members` users, adds them all to one
+    /// group (AddGroupMembers, 1000 a call), then times ListGroupMembers'
+    /// first and last pages, and AddGroupMembers of 1000 users into that
+    /// group and into an empty one (1 call in flight).
+    Groups,
 }
 
 #[derive(Debug, Parser)]
@@ -93,6 +98,14 @@ struct Args {
     /// Users the import scenario loads.
     #[arg(long, default_value_t = 1_000_000)]
     import_users: usize,
+
+    /// Members of the large group of the groups scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    group_members: usize,
+
+    /// Timed calls per measurement of the groups scenario.
+    #[arg(long, default_value_t = 50)]
+    group_rounds: usize,
 
     /// Concurrent CreateUser calls per connection while seeding.
     #[arg(long, default_value_t = 32)]
@@ -541,7 +554,7 @@ async fn run_scenario(
 ) -> Stats {
     match s {
         // One-shot scenarios, run by `run` itself.
-        Scenario::Import | Scenario::Stream => Stats::default(),
+        Scenario::Import | Scenario::Stream | Scenario::Groups => Stats::default(),
         Scenario::Get | Scenario::Ceiling => {
             let seeded = seeded.clone();
             load(channels, args, move |mut c, _| {
@@ -709,7 +722,12 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let needs_seed = args
         .scenarios
         .iter()
-        .any(|s| !matches!(s, Scenario::Ceiling | Scenario::Import | Scenario::Stream));
+        .any(|s| {
+            !matches!(
+                s,
+                Scenario::Ceiling | Scenario::Import | Scenario::Stream | Scenario::Groups
+            )
+        });
     let mut seeded = Seeded {
         names: Vec::new(),
         emails: Vec::new(),
@@ -748,6 +766,11 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let mut results: Vec<(Scenario, Stats, Option<u64>)> = Vec::new();
     let mut all_ok = true;
     for &s in &args.scenarios {
+        if s == Scenario::Groups {
+            let channel = connect(&target).await?;
+            run_groups(channel, &args, &run_id).await?;
+            continue;
+        }
         if matches!(s, Scenario::Import | Scenario::Stream) {
             // The export's memory is measured on a fresh process, not on one
             // whose allocator still holds what an import before it used.
@@ -987,5 +1010,194 @@ async fn serve_ceiling(addr: SocketAddr) -> Result<(), BoxError> {
         .add_service(UserServiceServer::new(Ceiling { user }))
         .serve(addr)
         .await?;
+    Ok(())
+}
+
+/// Mean and 99th percentile of timed calls, in ms.
+fn summary(times: &[Duration]) -> (f64, f64) {
+    let mut ms: Vec<f64> = times.iter().map(|t| t.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    let mean = ms.iter().sum::<f64>() / ms.len().max(1) as f64;
+    let p99 = ms
+        .get(((ms.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+        .copied()
+        .unwrap_or(0.0);
+    (mean, p99)
+}
+
+/// The groups scenario (see `Scenario::Groups`).
+async fn run_groups(channel: Channel, args: &Args, run: &str) -> Result<(), BoxError> {
+    use user_service::proto::users::v1::group_service_client::GroupServiceClient;
+    let n = args.group_members;
+    let rounds = args.group_rounds.max(1);
+    let mut users = UserServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+    let mut groups = GroupServiceClient::new(channel.clone());
+
+    // n members and 1000 more users, imported.
+    let t0 = Instant::now();
+    let run = format!("{run}g");
+    let moved = run_import(channel.clone(), import_messages(&run, n + 1000)).await?;
+    println!(
+        "groups: imported {} users in {:.1} s",
+        moved.users,
+        t0.elapsed().as_secs_f64()
+    );
+    let mut names = Vec::with_capacity(n + 1000);
+    let mut s = users
+        .stream_users(pb::StreamUsersRequest {
+            parent: PROJECT.into(),
+            filter: format!("email = \"*.{run}@legacy.example.com\""),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    while let Some(m) = s.message().await? {
+        names.extend(m.users.into_iter().map(|u| u.name));
+    }
+    if names.len() != n + 1000 {
+        return Err(format!("exported {} users, imported {}", names.len(), n + 1000).into());
+    }
+    let extra: Vec<String> = names.split_off(n);
+
+    let group = |id: &str| pb::CreateGroupRequest {
+        parent: PROJECT.into(),
+        group_id: format!("{id}-{run}"),
+        group: Some(pb::Group {
+            display_name: id.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let big = groups.create_group(group("big")).await?.into_inner().name;
+    let empty = groups.create_group(group("empty")).await?.into_inner().name;
+    let outer = groups.create_group(group("outer")).await?.into_inner().name;
+
+    // Fill the large group, 4 calls in flight.
+    let t0 = Instant::now();
+    let mut fills = tokio::task::JoinSet::new();
+    let chunks: Vec<Vec<String>> = names.chunks(1000).map(<[String]>::to_vec).collect();
+    let chunks = Arc::new(std::sync::Mutex::new(chunks));
+    for _ in 0..4 {
+        let mut g = groups.clone();
+        let chunks = chunks.clone();
+        let big = big.clone();
+        fills.spawn(async move {
+            loop {
+                let next = chunks.lock().map_err(|_| "poisoned")?.pop();
+                let Some(members) = next else {
+                    return Ok::<(), BoxError>(());
+                };
+                g.add_group_members(pb::AddGroupMembersRequest {
+                    group: big.clone(),
+                    members,
+                })
+                .await?;
+            }
+        });
+    }
+    while let Some(r) = fills.join_next().await {
+        r??;
+    }
+    let fill = t0.elapsed().as_secs_f64();
+    println!(
+        "groups: added {n} members in {fill:.1} s ({:.0} members/s, 1000 a call, 4 in flight)",
+        n as f64 / fill
+    );
+    groups
+        .add_group_members(pb::AddGroupMembersRequest {
+            group: outer.clone(),
+            members: vec![big.clone()],
+        })
+        .await?;
+
+    // Page through once for the token of the last full page.
+    let page = |group: &str, transitive: bool, token: String| pb::ListGroupMembersRequest {
+        group: group.to_owned(),
+        transitive,
+        page_size: 1000,
+        page_token: token,
+    };
+    let mut lasts = Vec::new();
+    for (group, transitive) in [(&big, false), (&outer, true)] {
+        let t0 = Instant::now();
+        let (mut token, mut last, mut listed) = (String::new(), String::new(), 0usize);
+        loop {
+            let r = groups
+                .list_group_members(page(group, transitive, token.clone()))
+                .await?
+                .into_inner();
+            listed += r.members.len();
+            if r.members.len() == 1000 {
+                last.clone_from(&token);
+            }
+            if r.next_page_token.is_empty() {
+                break;
+            }
+            token = r.next_page_token;
+        }
+        println!(
+            "groups: paged through {listed} members of {group} (transitive {transitive}, \
+             pages of 1000) in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        lasts.push(last);
+    }
+    let (last, last_transitive) = (lasts[0].clone(), lasts[1].clone());
+
+    let timed = |times: &mut Vec<Duration>, t: Instant| times.push(t.elapsed());
+    for (what, group, transitive, last) in [
+        ("direct", &big, false, &last),
+        ("transitive", &outer, true, &last_transitive),
+    ] {
+        let (mut first_t, mut last_t) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let t = Instant::now();
+            groups
+                .list_group_members(page(group, transitive, String::new()))
+                .await?;
+            timed(&mut first_t, t);
+            let t = Instant::now();
+            groups
+                .list_group_members(page(group, transitive, last.clone()))
+                .await?;
+            timed(&mut last_t, t);
+        }
+        let (f, fp) = summary(&first_t);
+        let (l, lp) = summary(&last_t);
+        println!(
+            "ListGroupMembers {what}, {n} members, pages of 1000: first page mean {f:.2} ms (p99 {fp:.2}), \
+             last page mean {l:.2} ms (p99 {lp:.2}); last / first = {:.2}x",
+            l / f
+        );
+    }
+
+    // 1000 new members into the large group and into an empty one,
+    // alternating; removed again between rounds (not timed).
+    let (mut into_big, mut into_empty) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (group, times) in [(&big, &mut into_big), (&empty, &mut into_empty)] {
+            let t = Instant::now();
+            groups
+                .add_group_members(pb::AddGroupMembersRequest {
+                    group: group.clone(),
+                    members: extra.clone(),
+                })
+                .await?;
+            timed(times, t);
+            groups
+                .remove_group_members(pb::RemoveGroupMembersRequest {
+                    group: group.clone(),
+                    members: extra.clone(),
+                })
+                .await?;
+        }
+    }
+    let (b, bp) = summary(&into_big);
+    let (e, ep) = summary(&into_empty);
+    println!(
+        "AddGroupMembers of 1000 users: into the {n}-member group mean {b:.2} ms (p99 {bp:.2}), \
+         into an empty group mean {e:.2} ms (p99 {ep:.2}); large / empty = {:.2}x",
+        b / e
+    );
     Ok(())
 }
