@@ -4,7 +4,8 @@ Generates Python stubs from proto/ with grpcio-tools, starts the built server
 on a free port with a fresh SQLite file and an HS256 secret, mints tokens
 with PyJWT (not the service's own helper), then creates, reads and looks up a
 user, checks an error's code and details, that calls without a token or for
-another project are refused, and lists the services through server
+another project are refused, imports and exports, adds the user to a group and
+finds it there (member list and `groups:` filter), and lists the services through server
 reflection (grpcio-reflection speaks v1alpha).
 
 usage: python .ci/smoke.py path/to/user-service
@@ -30,6 +31,8 @@ def generate(out):
     files = [
         "users/v1/user.proto",
         "users/v1/user_service.proto",
+        "users/v1/group.proto",
+        "users/v1/group_service.proto",
         "google/type/date.proto",
         "google/api/field_behavior.proto",
         "google/rpc/status.proto",
@@ -56,6 +59,7 @@ def main():
     generate(os.path.join(work, "gen"))
 
     from users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
+    from users.v1 import group_pb2, group_service_pb2, group_service_pb2_grpc
 
     port = free_port()
     addr = f"127.0.0.1:{port}"
@@ -172,11 +176,34 @@ def main():
             parent="projects/bulk", order_by="email")) for u in m.users]
         assert exported == ["p0@example.org", "p1@example.org", "p2@example.org"], exported
 
+        # Groups: a group with the created user as a member, listed back, and
+        # the user found through the group in a user filter.
+        groups = group_service_pb2_grpc.GroupServiceStub(channel)
+        team = groups.CreateGroup(group_service_pb2.CreateGroupRequest(
+            parent="projects/smoke", group_id="team",
+            group=group_pb2.Group(display_name="Team")))
+        assert team.name == "projects/smoke/groups/team", team.name
+        groups.AddGroupMembers(group_service_pb2.AddGroupMembersRequest(
+            group=team.name, members=[created.name]))
+        listed = groups.ListGroupMembers(group_service_pb2.ListGroupMembersRequest(
+            group=team.name))
+        assert [(m.name, m.kind) for m in listed.members] == [
+            (created.name, group_pb2.GroupMember.USER)], listed
+        in_team = stub.ListUsers(user_service_pb2.ListUsersRequest(
+            parent="projects/smoke", filter='groups:"team"'))
+        assert [u.name for u in in_team.users] == [created.name], in_team
+        try:
+            groups.AddGroupMembers(group_service_pb2.AddGroupMembersRequest(
+                group=team.name, members=["projects/smoke/users/nobody"]))
+            sys.exit("an unknown member was added")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND, e
+
         from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
             ProtoReflectionDescriptorDatabase,
         )
         services = set(ProtoReflectionDescriptorDatabase(raw).get_services())
-        for want in ("users.v1.UserService", "grpc.health.v1.Health"):
+        for want in ("users.v1.UserService", "users.v1.GroupService", "grpc.health.v1.Health"):
             assert want in services, services
         print("python smoke test: OK")
     finally:

@@ -719,15 +719,12 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         args.connections, args.in_flight, args.duration, args.warmup
     );
 
-    let needs_seed = args
-        .scenarios
-        .iter()
-        .any(|s| {
-            !matches!(
-                s,
-                Scenario::Ceiling | Scenario::Import | Scenario::Stream | Scenario::Groups
-            )
-        });
+    let needs_seed = args.scenarios.iter().any(|s| {
+        !matches!(
+            s,
+            Scenario::Ceiling | Scenario::Import | Scenario::Stream | Scenario::Groups
+        )
+    });
     let mut seeded = Seeded {
         names: Vec::new(),
         emails: Vec::new(),

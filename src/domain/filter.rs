@@ -16,7 +16,7 @@
 
 use chrono::{DateTime, NaiveDate};
 
-use super::group::GroupId;
+use super::group::{GroupId, GroupName};
 use super::user::State;
 use super::values::{PhoneNumber, ProjectId};
 
@@ -904,16 +904,18 @@ fn typed(
                 return err(value_pos, "`groups:` takes a group id or name without `*`");
             }
             let text = value.text;
-            let prefix = format!("projects/{project}/groups/");
-            let id = match text.strip_prefix(&prefix) {
-                Some(id) => id,
-                // A group of another project has no members here.
-                None if text.starts_with("projects/") => return Ok(Filter::Const(false)),
-                None => &text,
+            let id = if text.starts_with("projects/") {
+                let name = GroupName::parse(&text).or_else(|m| err(value_pos, m))?;
+                if &name.project != project {
+                    // A group of another project has no members here.
+                    return Ok(Filter::Const(false));
+                }
+                name.group
+            } else {
+                GroupId::parse(&text).or_else(|m| err(value_pos, m))?
             };
-            GroupId::parse(id).or_else(|m| err(value_pos, m))?;
             Ok(Filter::InGroup {
-                group: id.to_owned(),
+                group: id.as_str().to_owned(),
                 within: Vec::new(),
             })
         }

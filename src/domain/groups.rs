@@ -70,18 +70,20 @@ pub trait GroupRepository: Send + Sync + 'static {
 
     /// Adds the members all or none: GroupNotFound, MemberNotFound (with
     /// the index in `members`), GroupCycle or GroupTooDeep otherwise.
+    /// Returns the group as the same transaction saw it.
     fn add_members(
         &self,
         group: &GroupName,
         members: &[Member],
-    ) -> impl Future<Output = Result<(), MembershipError>> + Send;
+    ) -> impl Future<Output = Result<Group, MembershipError>> + Send;
 
-    /// Removes those of `members` that are direct members.
+    /// Removes those of `members` that are direct members; returns the
+    /// group as the same transaction saw it.
     fn remove_members(
         &self,
         group: &GroupName,
         members: &[Member],
-    ) -> impl Future<Output = Result<(), MembershipError>> + Send;
+    ) -> impl Future<Output = Result<Group, MembershipError>> + Send;
 
     /// Up to `limit` members after `after` (groups first, then users, each
     /// by id); soft-deleted users left out. `None` if the group is missing.
@@ -298,10 +300,10 @@ impl<R: GroupRepository> Groups<R> {
         group: &GroupName,
         members: &[Member],
     ) -> Result<Group, DomainError> {
-        if let Err(e) = self.repo.add_members(group, members).await {
-            return Err(membership_error(group, members, e));
-        }
-        self.get(group).await
+        self.repo
+            .add_members(group, members)
+            .await
+            .map_err(|e| membership_error(group, members, e))
     }
 
     #[instrument(skip_all, fields(project = %group.project, members = members.len()))]
@@ -310,10 +312,10 @@ impl<R: GroupRepository> Groups<R> {
         group: &GroupName,
         members: &[Member],
     ) -> Result<Group, DomainError> {
-        if let Err(e) = self.repo.remove_members(group, members).await {
-            return Err(membership_error(group, members, e));
-        }
-        self.get(group).await
+        self.repo
+            .remove_members(group, members)
+            .await
+            .map_err(|e| membership_error(group, members, e))
     }
 
     #[instrument(skip_all, fields(project = %group.project))]

@@ -200,6 +200,13 @@ fn fingerprint(req: &pb::CreateGroupRequest) -> String {
     let mut r = req.clone();
     r.request_id.clear();
     r.validate_only = false;
+    // Output-only fields are ignored, so a retry may differ in them.
+    if let Some(g) = &mut r.group {
+        g.name.clear();
+        g.create_time = None;
+        g.update_time = None;
+        g.etag.clear();
+    }
     super::convert::sha256_hex(&[b"group:", &r.encode_to_vec()])
 }
 

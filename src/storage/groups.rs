@@ -211,13 +211,14 @@ impl SeaOrmRepository {
         Ok((depth, reached))
     }
 
-    /// Locks the group's row for a membership change; false if it is gone.
+    /// Locks the group's row for a membership change and reads it; None if
+    /// it is gone.
     async fn lock_group(
         &self,
         txn: &DatabaseTransaction,
         name: &GroupName,
         nesting: bool,
-    ) -> Result<bool, DomainError> {
+    ) -> Result<Option<Group>, DomainError> {
         if nesting && self.backend() == DatabaseBackend::Postgres {
             txn.execute_raw(sql(
                 self.backend(),
@@ -235,7 +236,18 @@ impl SeaOrmRepository {
             ))
             .await
             .map_err(db_error)?;
-        Ok(res.rows_affected() == 1)
+        if res.rows_affected() != 1 {
+            return Ok(None);
+        }
+        groups::Entity::find_by_id((
+            name.project.as_str().to_owned(),
+            name.group.as_str().to_owned(),
+        ))
+        .one(txn)
+        .await
+        .map_err(db_error)?
+        .map(from_model)
+        .transpose()
     }
 
     /// Which of `ids` exist (users: not past their purge time).
@@ -274,28 +286,31 @@ impl SeaOrmRepository {
         txn: &DatabaseTransaction,
         name: &GroupName,
         members: &[Member],
-    ) -> Result<(), MembershipError> {
+    ) -> Result<Group, MembershipError> {
         let project = name.project.as_str();
         let nesting = members.iter().any(|m| m.kind == MemberKind::Group);
-        if !self.lock_group(txn, name, nesting).await? {
+        let Some(group) = self.lock_group(txn, name, nesting).await? else {
             return Err(MembershipError::GroupNotFound);
-        }
+        };
+        let mut found = HashSet::new();
         for kind in [MemberKind::User, MemberKind::Group] {
             let ids: Vec<&str> = members
                 .iter()
                 .filter(|m| m.kind == kind)
                 .map(|m| m.id.as_str())
                 .collect();
-            if ids.is_empty() {
-                continue;
+            if !ids.is_empty() {
+                for id in self.existing(txn, project, kind, &ids).await? {
+                    found.insert((kind, id));
+                }
             }
-            let found = self.existing(txn, project, kind, &ids).await?;
-            if let Some(i) = members
-                .iter()
-                .position(|m| m.kind == kind && !found.contains(&m.id))
-            {
-                return Err(MembershipError::MemberNotFound(i));
-            }
+        }
+        // The first unknown member in the request's order.
+        if let Some(i) = members
+            .iter()
+            .position(|m| !found.contains(&(m.kind, m.id.clone())))
+        {
+            return Err(MembershipError::MemberNotFound(i));
         }
         if nesting {
             let (above, _) = self.reach(txn, project, name.group.as_str(), false).await?;
@@ -349,7 +364,7 @@ impl SeaOrmRepository {
                 }
             }
         }
-        Ok(())
+        Ok(group)
     }
 
     /// The direct member groups of `group` after `after`, or (transitive)
@@ -632,12 +647,12 @@ impl GroupRepository for SeaOrmRepository {
         &self,
         group: &GroupName,
         members: &[Member],
-    ) -> Result<(), MembershipError> {
+    ) -> Result<Group, MembershipError> {
         let txn = self.db.begin().await.map_err(db_error)?;
         match self.add_in(&txn, group, members).await {
-            Ok(()) => {
+            Ok(g) => {
                 txn.commit().await.map_err(db_error)?;
-                Ok(())
+                Ok(g)
             }
             Err(e) => {
                 let _ = txn.rollback().await;
@@ -650,13 +665,13 @@ impl GroupRepository for SeaOrmRepository {
         &self,
         group: &GroupName,
         members: &[Member],
-    ) -> Result<(), MembershipError> {
+    ) -> Result<Group, MembershipError> {
         let project = group.project.as_str();
         let txn = self.db.begin().await.map_err(db_error)?;
-        if !self.lock_group(&txn, group, false).await? {
+        let Some(found) = self.lock_group(&txn, group, false).await? else {
             let _ = txn.rollback().await;
             return Err(MembershipError::GroupNotFound);
-        }
+        };
         for kind in [MemberKind::User, MemberKind::Group] {
             let ids: Vec<&str> = members
                 .iter()
@@ -682,7 +697,7 @@ impl GroupRepository for SeaOrmRepository {
             }
         }
         txn.commit().await.map_err(db_error)?;
-        Ok(())
+        Ok(found)
     }
 
     #[instrument(skip_all, fields(project = %group.project))]
