@@ -91,12 +91,13 @@ pub enum Filter {
     },
     /// `metadata:KEY`.
     HasMetadataKey(String),
-    /// `groups:"g"`: a member of group `g`, directly or through nested
-    /// groups. `within` is empty as parsed; the storage fills it with `g`
-    /// and every group nested in it before the query runs.
+    /// `groups:"g"`: a member of group `g` (an id of the query's project),
+    /// directly or through groups nested in it. `within` is None as parsed;
+    /// the storage may list `g` and its nested groups there before the
+    /// query runs (else it follows the nesting in the query itself).
     InGroup {
         group: String,
-        within: Vec<String>,
+        within: Option<Vec<String>>,
     },
 }
 
@@ -916,7 +917,7 @@ fn typed(
             };
             Ok(Filter::InGroup {
                 group: id.as_str().to_owned(),
-                within: Vec::new(),
+                within: None,
             })
         }
         FieldKind::Metadata(None) => {

@@ -154,6 +154,7 @@ impl SeaOrmRepository {
         conn: &C,
         project: &str,
         group: &str,
+        limit: Option<usize>,
     ) -> Result<Vec<String>, DomainError> {
         let stmt = sql(
             self.backend(),
@@ -162,8 +163,13 @@ impl SeaOrmRepository {
                UNION \
                SELECT m.member_id FROM group_groups m JOIN down ON m.group_id = down.g \
                WHERE m.project = ?) \
-             SELECT g FROM down",
-            vec![v(project), v(group), v(project)],
+             SELECT g FROM down LIMIT ?",
+            vec![
+                v(project),
+                v(group),
+                v(project),
+                Value::from(limit.map_or(i64::MAX, |n| n as i64)),
+            ],
         );
         Self::strings(conn, stmt).await
     }
@@ -378,7 +384,9 @@ impl SeaOrmRepository {
     ) -> Result<Vec<String>, DomainError> {
         let project = name.project.as_str();
         if transitive {
-            let mut all = self.closure(&self.db, project, name.group.as_str()).await?;
+            let mut all = self
+                .closure(&self.db, project, name.group.as_str(), None)
+                .await?;
             all.retain(|g| g.as_str() != name.group.as_str() && g.as_str() > after);
             all.sort();
             all.truncate(limit as usize);
@@ -433,9 +441,12 @@ impl SeaOrmRepository {
         }
         Ok(out.into_iter().collect())
     }
+}
 
-    /// `query` with every `groups:"g"` resolved to `g` and the groups nested
-    /// in it (see `Filter::InGroup`).
+impl SeaOrmRepository {
+    /// `query` with the nested groups of every `groups:"g"` listed (see
+    /// `Filter::InGroup`), unless a group has more than
+    /// `MAX_LISTED_CLOSURE`: the query then follows the nesting itself.
     pub(crate) async fn resolve_groups<'q>(
         &self,
         query: &'q UserQuery,
@@ -458,9 +469,18 @@ impl SeaOrmRepository {
             while let Some(f) = pending.pop() {
                 match f {
                     Filter::InGroup { group, within } => {
-                        *within = self
-                            .closure(&self.db, query.project.as_str(), group)
+                        let mut listed = self
+                            .closure(
+                                &self.db,
+                                query.project.as_str(),
+                                group,
+                                Some(MAX_LISTED_CLOSURE + 1),
+                            )
                             .await?;
+                        if listed.len() <= MAX_LISTED_CLOSURE {
+                            listed.sort();
+                            *within = Some(listed);
+                        }
                     }
                     Filter::And(p) | Filter::Or(p) => pending.extend(p.iter_mut()),
                     Filter::Not(f) => pending.push(f),
@@ -471,6 +491,10 @@ impl SeaOrmRepository {
         Ok(Cow::Owned(q))
     }
 }
+
+/// Most groups (a group and those nested in it) a `groups:"g"` filter lists
+/// as values; a larger hierarchy is followed by the query itself.
+const MAX_LISTED_CLOSURE: usize = 200;
 
 fn member_table(kind: MemberKind) -> (&'static str, &'static str) {
     match kind {
@@ -737,7 +761,7 @@ impl GroupRepository for SeaOrmRepository {
             };
             let project = group.project.as_str();
             let groups = if transitive {
-                self.closure(&self.db, project, group.group.as_str())
+                self.closure(&self.db, project, group.group.as_str(), None)
                     .await?
             } else {
                 vec![group.group.as_str().to_owned()]

@@ -55,8 +55,12 @@ enum Source {
 enum Rows {
     /// `user_terms` of one kind.
     Terms { kind: i16, test: TermTest },
-    /// `group_users` of these groups (`groups:"g"`, resolved).
-    Members(Vec<String>),
+    /// `group_users` of a group and of the groups nested in it
+    /// (`groups:"g"`), listed when the storage resolved them.
+    Members {
+        group: String,
+        within: Option<Vec<String>>,
+    },
 }
 
 impl Driver {
@@ -116,11 +120,12 @@ fn drivers(q: &UserQuery) -> Vec<Driver> {
                 rows: Rows::Terms { kind, test },
                 source: Source::Conjunct(i),
             });
-        } else if let Filter::InGroup { within, .. } = f
-            && !within.is_empty()
-        {
+        } else if let Filter::InGroup { group, within } = f {
             out.push(Driver {
-                rows: Rows::Members(within.clone()),
+                rows: Rows::Members {
+                    group: group.clone(),
+                    within: within.clone(),
+                },
                 source: Source::Conjunct(i),
             });
         }
@@ -416,7 +421,7 @@ impl Compiler {
                 None => Expr::cust("1 = 0"),
             },
             Filter::Metadata { key, op, value } => self.metadata(key, *op, value),
-            Filter::InGroup { within, .. } => self.in_groups(within),
+            Filter::InGroup { group, within } => self.in_groups(group, within.as_deref()),
         }
     }
 
@@ -519,21 +524,44 @@ impl Compiler {
     fn rows_cond(&self, alias: &str, project: &str, rows: &Rows) -> Condition {
         match rows {
             Rows::Terms { kind, test } => self.term_cond(alias, Some(project), *kind, test),
-            Rows::Members(groups) => Condition::all()
+            Rows::Members { group, within } => Condition::all()
                 .add(Expr::col((Alias::new(alias), Alias::new("project"))).eq(project))
-                .add(
-                    Expr::col((Alias::new(alias), Alias::new("group_id")))
-                        .is_in(groups.iter().cloned()),
-                ),
+                .add(self.in_closure(alias, group, within.as_deref())),
         }
     }
 
-    /// `EXISTS` a membership of the row's user in one of `groups`: one seek
-    /// of `ix_group_users_user` per group.
-    fn in_groups(&self, groups: &[String]) -> Expr {
-        if groups.is_empty() {
-            return Expr::cust("1 = 0");
+    /// `alias.group_id` is `group` or a group nested in it, at any depth:
+    /// one of `within` when the storage listed them (the engines plan an
+    /// index range per group), else the closure computed by the engine once
+    /// per statement, however many groups it holds.
+    fn in_closure(&self, alias: &str, group: &str, within: Option<&[String]>) -> Expr {
+        if let Some(groups) = within {
+            if groups.is_empty() {
+                return Expr::cust("1 = 0");
+            }
+            return Expr::col((Alias::new(alias), Alias::new("group_id")))
+                .is_in(groups.iter().cloned());
         }
+        self.cust(
+            format!(
+                "\"{alias}\".\"group_id\" IN (WITH RECURSIVE down(g) AS (\
+                   SELECT group_id FROM groups WHERE project = ? AND group_id = ? \
+                   UNION \
+                   SELECT m.member_id FROM group_groups m JOIN down ON m.group_id = down.g \
+                   WHERE m.project = ?) \
+                 SELECT g FROM down)"
+            ),
+            [
+                Value::from(self.project.clone()),
+                Value::from(group.to_owned()),
+                Value::from(self.project.clone()),
+            ],
+        )
+    }
+
+    /// `EXISTS` a membership of the row's user in `group` or a group nested
+    /// in it: one seek of `ix_group_users_user`.
+    fn in_groups(&self, group: &str, within: Option<&[String]>) -> Expr {
         let mut sub = Query::select();
         sub.expr(Expr::cust("1"))
             .from_as(Alias::new("group_users"), Alias::new("p"))
@@ -544,9 +572,7 @@ impl Compiler {
                 Expr::col((Alias::new("p"), Alias::new("user_id")))
                     .equals((users::Entity, users::Column::UserId)),
             )
-            .and_where(
-                Expr::col((Alias::new("p"), Alias::new("group_id"))).is_in(groups.iter().cloned()),
-            );
+            .and_where(self.in_closure("p", group, within));
         Expr::exists(sub)
     }
 
@@ -570,16 +596,13 @@ impl Compiler {
                     ),
             )
             .cond_where(self.rows_cond("d", q.project.as_str(), &d.rows));
-        let single_group = matches!(&d.rows, Rows::Members(g) if g.len() == 1);
-        if !d.is_exact() && !single_group {
+        let one_group = matches!(&d.rows, Rows::Members { within: Some(g), .. } if g.len() == 1);
+        if !d.is_exact() && !one_group {
             let (key, same) = match &d.rows {
                 Rows::Terms { kind, test } => ("term", self.term_cond("e", None, *kind, test)),
-                Rows::Members(groups) => (
+                Rows::Members { group, within } => (
                     "group_id",
-                    Condition::all().add(
-                        Expr::col((Alias::new("e"), Alias::new("group_id")))
-                            .is_in(groups.iter().cloned()),
-                    ),
+                    Condition::all().add(self.in_closure("e", group, within.as_deref())),
                 ),
             };
             let mut earlier = Query::select();
@@ -754,7 +777,7 @@ impl Rows {
     fn table(&self) -> &'static str {
         match self {
             Rows::Terms { .. } => "user_terms",
-            Rows::Members(_) => "group_users",
+            Rows::Members { .. } => "group_users",
         }
     }
 }

@@ -37,6 +37,7 @@ both_engines!(
     groups_filter_in_user_queries,
     groups_filter_errors,
     groups_filter_on_a_group_of_2100,
+    groups_filter_through_a_wide_hierarchy,
     group_rpcs_need_their_scopes,
     group_rpcs_are_confined_to_granted_projects,
     group_rpcs_need_a_token,
@@ -4224,4 +4225,44 @@ async fn concurrent_delete_and_add(e: Engine) {
             }
         }
     }
+}
+
+/// More nested groups than the storage lists as values (200): the query
+/// follows the nesting itself, with the same answers.
+async fn groups_filter_through_a_wide_hierarchy(e: Engine) {
+    let s = TestServer::start(e).await;
+    let mut c = s.client();
+    let mut g = s.groups();
+    let top = new_group(&mut g, "top").await;
+    let mut subs = Vec::new();
+    for i in 0..230 {
+        subs.push(new_group(&mut g, &format!("sub-{i:03}")).await.name);
+    }
+    // Two levels: sub-000 holds sub-001 .. sub-229, top holds sub-000.
+    let refs: Vec<&str> = subs[1..].iter().map(String::as_str).collect();
+    add(&mut g, &subs[0], &refs).await.expect("nest 229 groups");
+    add(&mut g, &top.name, &[&subs[0]])
+        .await
+        .expect("nest under top");
+    let mut expected = Vec::new();
+    for i in [0usize, 7, 150, 229] {
+        let u = create(&mut c, user(&format!("wide{i}@example.com"))).await;
+        add(&mut g, &subs[i], &[&u.name]).await.expect("member");
+        expected.push(u.name);
+    }
+    // One user in two of the groups still counts once.
+    add(&mut g, &subs[3], &[&expected[2]])
+        .await
+        .expect("second membership");
+    create(&mut c, user("outside@example.com")).await;
+    expected.sort();
+    assert_eq!(users_in(&mut c, "groups:\"top\"", false).await, expected);
+    assert_eq!(count_users(&mut c, "groups:\"top\"", false).await, 4);
+    assert_eq!(
+        count_users(&mut c, "NOT groups:\"top\"", false).await,
+        1,
+        "only the outsider is outside"
+    );
+    let members = members(&mut g, &top.name, true).await;
+    assert_eq!(members.len(), 230 + 4, "every nested group and user once");
 }
