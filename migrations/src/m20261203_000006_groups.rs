@@ -8,6 +8,12 @@
 //! orphan. Primary keys make every pair unique; the second index of each
 //! table reads a member's groups. Ids are byte-ordered (PostgreSQL
 //! `COLLATE "C"`), as keyset pages expect.
+//!
+//! Beware in later migrations: SQLite runs with foreign keys on, so
+//! rebuilding `users` or `groups` the SQLite way (create a copy, drop the
+//! original, rename) would cascade the DROP and erase every membership. Such
+//! a migration must turn foreign keys off around the rebuild (`PRAGMA
+//! foreign_keys = OFF` outside the transaction) and check them after.
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseBackend};

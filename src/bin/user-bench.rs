@@ -1030,16 +1030,16 @@ async fn run_groups(channel: Channel, args: &Args, run: &str) -> Result<(), BoxE
     let mut users = UserServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
     let mut groups = GroupServiceClient::new(channel.clone());
 
-    // n members and 1000 more users, imported.
+    // n members, imported.
     let t0 = Instant::now();
     let run = format!("{run}g");
-    let moved = run_import(channel.clone(), import_messages(&run, n + 1000)).await?;
+    let moved = run_import(channel.clone(), import_messages(&run, n)).await?;
     println!(
         "groups: imported {} users in {:.1} s",
         moved.users,
         t0.elapsed().as_secs_f64()
     );
-    let mut names = Vec::with_capacity(n + 1000);
+    let mut names = Vec::with_capacity(n);
     let mut s = users
         .stream_users(pb::StreamUsersRequest {
             parent: PROJECT.into(),
@@ -1051,10 +1051,17 @@ async fn run_groups(channel: Channel, args: &Args, run: &str) -> Result<(), BoxE
     while let Some(m) = s.message().await? {
         names.extend(m.users.into_iter().map(|u| u.name));
     }
-    if names.len() != n + 1000 {
-        return Err(format!("exported {} users, imported {}", names.len(), n + 1000).into());
+    if names.len() != n {
+        return Err(format!("exported {} users, imported {n}", names.len()).into());
     }
-    let extra: Vec<String> = names.split_off(n);
+    // 1000 members spread over the whole id range (not the newest ids, which
+    // would all land at the right edge of the index).
+    let extra: Vec<String> = names
+        .iter()
+        .step_by((n / 1000).max(1))
+        .take(1000)
+        .cloned()
+        .collect();
 
     let group = |id: &str| pb::CreateGroupRequest {
         parent: PROJECT.into(),
@@ -1168,8 +1175,14 @@ async fn run_groups(channel: Channel, args: &Args, run: &str) -> Result<(), BoxE
         );
     }
 
-    // 1000 new members into the large group and into an empty one,
-    // alternating; removed again between rounds (not timed).
+    // 1000 members into the large group (taken out of it first) and into an
+    // empty one, alternating; removed again between rounds (not timed).
+    groups
+        .remove_group_members(pb::RemoveGroupMembersRequest {
+            group: big.clone(),
+            members: extra.clone(),
+        })
+        .await?;
     let (mut into_big, mut into_empty) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         for (group, times) in [(&big, &mut into_big), (&empty, &mut into_empty)] {

@@ -3,9 +3,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use sha2::{Digest, Sha256};
-
 use super::filter::Filter;
+use super::query::fingerprint;
 use super::values::{ProjectId, Reason, Timestamp, UserId, check_resource_id};
 
 /// Most members one AddGroupMembers or RemoveGroupMembers call may name.
@@ -248,6 +247,20 @@ impl Group {
         format!("W/\"{}-{:x}\"", self.revision, self.create_time.nanos())
     }
 
+    /// About how many bytes the group takes encoded (what pages budget).
+    pub fn approx_bytes(&self) -> usize {
+        128 + self.project.as_str().len()
+            + self.id.as_str().len()
+            + self.fields.display_name.len()
+            + self.fields.description.len()
+            + self
+                .fields
+                .metadata
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>()
+    }
+
     /// Marks a write: bumps the revision and moves update_time forward.
     pub fn touch(&mut self, now: Timestamp) {
         self.revision += 1;
@@ -291,43 +304,39 @@ pub struct GroupOrder {
 
 impl GroupOrder {
     /// `create_time desc` when empty; else one of `create_time` and
-    /// `display_name`, optionally followed by `desc` or `asc`.
+    /// `display_name`, optionally followed by `desc` or `asc`. An error
+    /// carries the 1-based character position it is about (as ListUsers').
     pub fn parse(s: &str) -> Result<Self, (usize, String)> {
-        let t = s.trim();
-        if t.is_empty() {
+        if s.trim().is_empty() {
             return Ok(Self {
                 field: GroupOrderField::CreateTime,
                 desc: true,
             });
         }
-        let start = s.len() - s.trim_start().len();
-        let mut words = t.split_whitespace();
-        let field = match words.next() {
-            Some("create_time") | Some("createTime") => GroupOrderField::CreateTime,
-            Some("display_name") | Some("displayName") => GroupOrderField::DisplayName,
-            Some(other) => {
+        if let Some(comma) = s.chars().position(|c| c == ',') {
+            return Err((comma + 1, "groups are ordered by one field".into()));
+        }
+        let start = s.chars().take_while(|c| c.is_whitespace()).count() + 1;
+        let words: Vec<&str> = s.split_whitespace().collect();
+        let (name, desc) = match words.as_slice() {
+            [name] => (*name, false),
+            [name, "desc"] => (*name, true),
+            [name, "asc"] => (*name, false),
+            [_, other, ..] => {
+                return Err((start, format!("expected `desc` or `asc`, found `{other}`")));
+            }
+            [] => return Err((start, "empty sort key".into())),
+        };
+        let field = match name {
+            "create_time" | "createTime" => GroupOrderField::CreateTime,
+            "display_name" | "displayName" => GroupOrderField::DisplayName,
+            _ => {
                 return Err((
                     start,
-                    format!("cannot order groups by `{other}`: use create_time or display_name"),
-                ));
-            }
-            None => unreachable!("trimmed text is not empty"),
-        };
-        let desc = match words.next() {
-            None | Some("asc") => false,
-            Some("desc") => true,
-            Some(other) => {
-                let pos = s.find(other).unwrap_or(start);
-                return Err((
-                    pos,
-                    format!("expected `desc`, `asc` or the end, not `{other}`"),
+                    format!("cannot order groups by `{name}`: use create_time or display_name"),
                 ));
             }
         };
-        if let Some(extra) = words.next() {
-            let pos = s.rfind(extra).unwrap_or(start);
-            return Err((pos, "groups are ordered by one field".into()));
-        }
         Ok(Self { field, desc })
     }
 
@@ -374,20 +383,6 @@ impl GroupQuery {
             fingerprint,
         }
     }
-}
-
-/// A short hash of some request fields, length-prefixed so that no two
-/// splits of the same text collide.
-pub fn fingerprint(parts: &[&str]) -> [u8; 8] {
-    let mut h = Sha256::new();
-    for part in parts {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part.as_bytes());
-    }
-    let digest = h.finalize();
-    let mut out = [0u8; 8];
-    out.copy_from_slice(&digest[..8]);
-    out
 }
 
 #[cfg(test)]

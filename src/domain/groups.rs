@@ -4,15 +4,16 @@ use std::future::Future;
 
 use tracing::instrument;
 
-use super::error::{DomainError, QueryProblem};
+use super::error::DomainError;
 use super::group::{
-    Group, GroupFields, GroupName, GroupPath, GroupQuery, Member, MemberKind, NewGroup, fingerprint,
+    Group, GroupFields, GroupName, GroupPath, GroupQuery, Member, MemberKind, NewGroup,
 };
 use super::query::{
-    Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, SortValue, TokenError, decode_token, encode_token,
+    Cursor, SortValue, TokenError, clamp_page_size, decode_token, encode_token, fingerprint,
+    page_token_error,
 };
 use super::repository::IdempotencyKey;
-use super::service::replay;
+use super::service::{MAX_ATTEMPTS, replay};
 use super::values::{ProjectId, Timestamp, UserName};
 
 /// What a group create stored, or found stored under the same key.
@@ -122,10 +123,6 @@ impl From<DomainError> for MembershipError {
         MembershipError::Other(e)
     }
 }
-
-/// How often an update re-reads and retries after losing a race, when the
-/// caller did not pin an etag.
-const MAX_ATTEMPTS: usize = 32;
 
 /// One page of a list.
 #[derive(Debug)]
@@ -259,38 +256,21 @@ impl<R: GroupRepository> Groups<R> {
         use super::group::GroupOrderField;
         let is_time = query.order.field == GroupOrderField::CreateTime;
         let after = decode(&query.fingerprint, &[is_time], page_token)?;
-        let size = clamp(page_size);
-        let mut groups = self
-            .repo
-            .list_groups(query, after.as_ref(), u64::from(size) + 1)
-            .await?;
-        let next_page_token = if groups.len() > size as usize {
-            groups.truncate(size as usize);
-            groups
-                .last()
-                .map(|g| {
-                    let value = match query.order.field {
-                        GroupOrderField::CreateTime => SortValue::Int(g.create_time.nanos()),
-                        GroupOrderField::DisplayName => {
-                            SortValue::Text(g.fields.display_name.clone())
-                        }
-                    };
-                    encode_token(
-                        &query.fingerprint,
-                        &Cursor {
-                            values: vec![value],
-                            user_id: g.id.as_str().to_owned(),
-                        },
-                    )
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let cursor_of = |g: &Group| Cursor {
+            values: vec![match query.order.field {
+                GroupOrderField::CreateTime => SortValue::Int(g.create_time.nanos()),
+                GroupOrderField::DisplayName => SortValue::Text(g.fields.display_name.clone()),
+            }],
+            user_id: g.id.as_str().to_owned(),
         };
-        Ok(ListPage {
-            items: groups,
-            next_page_token,
+        let (groups, more) = read_groups(page_size, after, &cursor_of, |c, n| async move {
+            Ok(Some(self.repo.list_groups(query, c.as_ref(), n).await?))
         })
+        .await?
+        .ok_or_else(|| DomainError::Internal("group list without a project".into()))?;
+        Ok(page(groups, more, |g| {
+            encode_token(&query.fingerprint, &cursor_of(g))
+        }))
     }
 
     /// Adds members; `field` of an error is `members[i]` of the request.
@@ -343,11 +323,13 @@ impl<R: GroupRepository> Groups<R> {
                         kind,
                         id: c.user_id,
                     }),
-                    None => return Err(bad_token(TokenError::Malformed)),
+                    None => {
+                        return Err(page_token_error(TokenError::Malformed, "page_token", ""));
+                    }
                 }
             }
         };
-        let size = clamp(page_size);
+        let size = clamp_page_size(page_size);
         let mut members = self
             .repo
             .list_members(group, transitive, after.as_ref(), u64::from(size) + 1)
@@ -389,34 +371,79 @@ impl<R: GroupRepository> Groups<R> {
             &user.to_string(),
             if transitive { "1" } else { "0" },
         ]);
-        let after = decode(&fp, &[], page_token)?.map(|c| c.user_id);
-        let size = clamp(page_size);
-        let mut groups = self
-            .repo
-            .user_groups(user, transitive, after.as_deref(), u64::from(size) + 1)
-            .await?
-            .ok_or_else(|| DomainError::NotFound(user.to_string()))?;
-        let next_page_token = if groups.len() > size as usize {
-            groups.truncate(size as usize);
-            groups
-                .last()
-                .map(|g| {
-                    encode_token(
-                        &fp,
-                        &Cursor {
-                            values: vec![],
-                            user_id: g.id.as_str().to_owned(),
-                        },
-                    )
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let after = decode(&fp, &[], page_token)?;
+        let cursor_of = |g: &Group| Cursor {
+            values: vec![],
+            user_id: g.id.as_str().to_owned(),
         };
-        Ok(ListPage {
-            items: groups,
-            next_page_token,
+        let (groups, more) = read_groups(page_size, after, &cursor_of, |c, n| async move {
+            let after = c.map(|c| c.user_id);
+            self.repo
+                .user_groups(user, transitive, after.as_deref(), n)
+                .await
         })
+        .await?
+        .ok_or_else(|| DomainError::NotFound(user.to_string()))?;
+        Ok(page(groups, more, |g| encode_token(&fp, &cursor_of(g))))
+    }
+}
+
+/// Bytes of groups one page carries at most: with the rest of the response
+/// it stays under the 4 MiB a default gRPC client accepts.
+pub const GROUP_PAGE_BYTES: usize = 3 * 1024 * 1024;
+/// Groups read per statement while a page fills (a group may take ~120 KB).
+const GROUP_SLICE: u64 = 100;
+
+/// Reads up to `page_size` groups after `after` with `read`, in slices,
+/// stopping early when `GROUP_PAGE_BYTES` are reached; whether more follow.
+/// None when `read` says the listed resource is gone.
+async fn read_groups<F, Fut>(
+    page_size: u32,
+    after: Option<Cursor>,
+    cursor_of: &(dyn Fn(&Group) -> Cursor + Sync),
+    mut read: F,
+) -> Result<Option<(Vec<Group>, bool)>, DomainError>
+where
+    F: FnMut(Option<Cursor>, u64) -> Fut,
+    Fut: Future<Output = Result<Option<Vec<Group>>, DomainError>>,
+{
+    let size = clamp_page_size(page_size) as usize;
+    let mut out: Vec<Group> = Vec::new();
+    let mut bytes = 0usize;
+    let mut cursor = after;
+    loop {
+        let slice = (size + 1 - out.len()).min(GROUP_SLICE as usize) as u64;
+        let Some(got) = read(cursor.take(), slice).await? else {
+            return Ok(None);
+        };
+        let n = got.len() as u64;
+        for g in got {
+            let b = g.approx_bytes();
+            if !out.is_empty() && bytes + b > GROUP_PAGE_BYTES {
+                return Ok(Some((out, true)));
+            }
+            bytes += b;
+            out.push(g);
+        }
+        if n < slice || out.len() > size {
+            break;
+        }
+        cursor = out.last().map(cursor_of);
+    }
+    let more = out.len() > size;
+    out.truncate(size);
+    Ok(Some((out, more)))
+}
+
+/// A page, with the token after its last item when `more` follow.
+fn page<T>(items: Vec<T>, more: bool, token: impl Fn(&T) -> String) -> ListPage<T> {
+    let next_page_token = match items.last() {
+        Some(last) if more => token(last),
+        _ => String::new(),
+    };
+    ListPage {
+        items,
+        next_page_token,
     }
 }
 
@@ -448,30 +475,15 @@ fn membership_error(group: &GroupName, members: &[Member], e: MembershipError) -
     }
 }
 
-fn clamp(page_size: u32) -> u32 {
-    match page_size {
-        0 => DEFAULT_PAGE_SIZE,
-        n => n.min(MAX_PAGE_SIZE),
-    }
-}
-
-fn bad_token(e: TokenError) -> DomainError {
-    DomainError::BadQuery {
-        reason: QueryProblem::PageToken,
-        field: "page_token",
-        description: match e {
-            TokenError::Malformed => "not a token of this service, or damaged",
-            TokenError::OtherQuery => {
-                "belongs to another request: the other fields must stay the same"
-            }
-        }
-        .into(),
-    }
-}
-
 fn decode(fp: &[u8; 8], times: &[bool], token: &str) -> Result<Option<Cursor>, DomainError> {
     if token.is_empty() {
         return Ok(None);
     }
-    decode_token(fp, times, token).map(Some).map_err(bad_token)
+    decode_token(fp, times, token).map(Some).map_err(|e| {
+        page_token_error(
+            e,
+            "page_token",
+            "the other fields of the request must stay the same",
+        )
+    })
 }

@@ -5,6 +5,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 
+use super::error::{DomainError, QueryProblem};
 use super::filter::Filter;
 use super::user::User;
 use super::values::ProjectId;
@@ -252,6 +253,42 @@ pub fn parse_search(s: &str) -> Result<String, String> {
     Ok(migration::terms::fold(s))
 }
 
+/// A page size already known not to be negative: 0 means the default,
+/// larger than the maximum is clamped (AIP-158).
+pub fn clamp_page_size(n: u32) -> u32 {
+    match n {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    }
+}
+
+/// A refused page token as the error a client gets; `must_match` names
+/// the request fields a token is tied to.
+pub fn page_token_error(e: TokenError, field: &'static str, must_match: &str) -> DomainError {
+    DomainError::BadQuery {
+        reason: QueryProblem::PageToken,
+        field,
+        description: match e {
+            TokenError::Malformed => "not a token of this service, or damaged".to_owned(),
+            TokenError::OtherQuery => format!("belongs to another query: {must_match}"),
+        },
+    }
+}
+
+/// A short hash of some request fields, length-prefixed so that no two
+/// splits of the same text collide: what ties a page token to its query.
+pub fn fingerprint(parts: &[&str]) -> [u8; 8] {
+    let mut h = Sha256::new();
+    for part in parts {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&digest[..8]);
+    out
+}
+
 /// The page size of a request: 0 means the default, larger than the maximum
 /// is clamped, negative is refused (AIP-158).
 pub fn page_size(n: i32) -> Result<u32, String> {
@@ -319,22 +356,14 @@ impl UserQuery {
         show_deleted: bool,
         search: Option<&str>,
     ) -> [u8; 8] {
-        let mut h = Sha256::new();
-        for part in [
+        fingerprint(&[
             "users.v1.query",
             project.as_str(),
             filter,
             &order.canonical(),
             if show_deleted { "1" } else { "0" },
             search.unwrap_or("\u{0}none"),
-        ] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-        let digest = h.finalize();
-        let mut out = [0u8; 8];
-        out.copy_from_slice(&digest[..8]);
-        out
+        ])
     }
 }
 

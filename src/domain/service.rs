@@ -5,10 +5,9 @@ use std::time::Duration;
 use tracing::instrument;
 
 use super::bulk::{ChunkOutcome, Claims, ImportLog};
-use super::error::{DomainError, FieldViolation, Identifier, QueryProblem, Violations};
+use super::error::{DomainError, FieldViolation, Identifier, Violations};
 use super::query::{
-    Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, TokenError, UserQuery, decode_page_token,
-    next_page_token,
+    Cursor, UserQuery, clamp_page_size, decode_page_token, next_page_token, page_token_error,
 };
 use super::repository::{BatchCreated, Created, IdempotencyKey, Identity, UserRepository};
 use super::user::{FieldPath, MAX_METADATA, Profile, State, User};
@@ -16,7 +15,7 @@ use super::values::{ProjectId, Timestamp, UserId, UserName};
 
 /// How often a write re-reads and retries after losing a race with another
 /// writer, when the caller did not pin an etag.
-const MAX_ATTEMPTS: usize = 32;
+pub(super) const MAX_ATTEMPTS: usize = 32;
 
 /// One page of a list or search.
 #[derive(Debug)]
@@ -418,20 +417,13 @@ impl<R: UserRepository> Users<R> {
         if token.is_empty() {
             return Ok(None);
         }
-        decode_page_token(query, token)
-            .map(Some)
-            .map_err(|e| DomainError::BadQuery {
-                reason: QueryProblem::PageToken,
+        decode_page_token(query, token).map(Some).map_err(|e| {
+            page_token_error(
+                e,
                 field,
-                description: match e {
-                    TokenError::Malformed => "not a token of this service, or damaged",
-                    TokenError::OtherQuery => {
-                        "belongs to another query: parent, filter, order_by, \
-                         show_deleted and query must stay the same"
-                    }
-                }
-                .into(),
-            })
+                "parent, filter, order_by, show_deleted and query must stay the same",
+            )
+        })
     }
 
     /// One page of `query`: `page_token` is empty for the first page.
@@ -444,10 +436,7 @@ impl<R: UserRepository> Users<R> {
     ) -> Result<Page, DomainError> {
         let after = self.decode_token(query, page_token, "page_token")?;
         // 0 means the default; more than the maximum is clamped (AIP-158).
-        let size = match page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n => n.min(MAX_PAGE_SIZE),
-        };
+        let size = clamp_page_size(page_size);
         let (mut users, exhausted) =
             read_bounded(query, after, u64::from(size) + 1, |c, n| async move {
                 self.repo.list(query, c.as_ref(), n).await

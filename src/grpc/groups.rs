@@ -378,22 +378,42 @@ impl<R: GroupRepository> GroupService for GroupServiceImpl<R> {
             caller.require_project(p)?;
         }
         let size = v.check(|| "page_size".into(), page_size(req.page_size));
+        // Every bad field at once; a lone filter or order problem keeps its
+        // own reason (INVALID_FILTER, INVALID_ORDER_BY), as in ListUsers.
+        let mut problems = Vec::new();
+        let filter = match project
+            .as_ref()
+            .map(|p| parse_for(&req.filter, p, Subject::Group))
+            .transpose()
+        {
+            Ok(f) => f.flatten(),
+            Err(e) => {
+                v.push("filter", e.to_string());
+                problems.push((QueryProblem::Filter, "filter", e.to_string()));
+                None
+            }
+        };
+        let order = match GroupOrder::parse(&req.order_by) {
+            Ok(o) => Some(o),
+            Err((pos, m)) => {
+                let d = format!("position {pos}: {m}");
+                v.push("order_by", d.clone());
+                problems.push((QueryProblem::OrderBy, "order_by", d));
+                None
+            }
+        };
+        if let ([(reason, field, description)], 1) = (problems.as_slice(), v.len()) {
+            return Err(DomainError::BadQuery {
+                reason: *reason,
+                field,
+                description: description.clone(),
+            }
+            .into());
+        }
         v.into_result()?;
-        let (Some(project), Some(size)) = (project, size) else {
+        let (Some(project), Some(size), Some(order)) = (project, size, order) else {
             return Err(DomainError::Internal("validated request incomplete".into()).into());
         };
-        let filter = parse_for(&req.filter, &project, Subject::Group).map_err(|e| {
-            DomainError::BadQuery {
-                reason: QueryProblem::Filter,
-                field: "filter",
-                description: e.to_string(),
-            }
-        })?;
-        let order = GroupOrder::parse(&req.order_by).map_err(|(pos, m)| DomainError::BadQuery {
-            reason: QueryProblem::OrderBy,
-            field: "order_by",
-            description: format!("at {pos}: {m}"),
-        })?;
         let query = GroupQuery::new(project, &req.filter, filter, order);
         let page = self.groups.list(&query, size, &req.page_token).await?;
         Ok(Response::new(pb::ListGroupsResponse {

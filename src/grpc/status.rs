@@ -253,7 +253,8 @@ impl From<DomainError> for Status {
                     "MEMBER_NOT_FOUND",
                     &[("field", field.clone()), ("name", name.clone())],
                 );
-                let kind = if name.contains("/groups/") {
+                // `projects/{project}/groups/{group}` or `.../users/{user}`.
+                let kind = if name.split('/').nth(2) == Some("groups") {
                     GROUP_TYPE
                 } else {
                     USER_TYPE

@@ -9,7 +9,7 @@
 //! Foreign keys refuse a member erased meanwhile.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseTransaction, DbErr, EntityTrait, SqlErr, Statement,
@@ -174,30 +174,23 @@ impl SeaOrmRepository {
         Self::strings(conn, stmt).await
     }
 
-    /// The longest chain of memberships below (`down`) or above a group,
-    /// counted up to `MAX_NESTING + 1`, and (below) the groups reached.
-    async fn reach<C: ConnectionTrait>(
+    /// The groups that contain `group` (directly or through nesting), with
+    /// `group` itself, and the longest chain of memberships above it
+    /// (counted up to `MAX_NESTING + 1`).
+    async fn ancestors<C: ConnectionTrait>(
         &self,
         conn: &C,
         project: &str,
         group: &str,
-        down: bool,
     ) -> Result<(u32, HashSet<String>), DomainError> {
-        let (next, join) = if down {
-            ("m.member_id", "m.group_id")
-        } else {
-            ("m.group_id", "m.member_id")
-        };
         let stmt = sql(
             self.backend(),
-            &format!(
-                "WITH RECURSIVE r(g, d) AS (\
-                   SELECT group_id, 0 FROM groups WHERE project = ? AND group_id = ? \
-                   UNION \
-                   SELECT {next}, r.d + 1 FROM group_groups m JOIN r ON {join} = r.g \
-                   WHERE m.project = ? AND r.d <= ?) \
-                 SELECT g, d FROM r"
-            ),
+            "WITH RECURSIVE r(g, d) AS (\
+               SELECT group_id, 0 FROM groups WHERE project = ? AND group_id = ? \
+               UNION \
+               SELECT m.group_id, r.d + 1 FROM group_groups m JOIN r ON m.member_id = r.g \
+               WHERE m.project = ? AND r.d <= ?) \
+             SELECT g, d FROM r",
             vec![
                 v(project),
                 v(group),
@@ -207,53 +200,98 @@ impl SeaOrmRepository {
         );
         let rows = conn.query_all_raw(stmt).await.map_err(db_error)?;
         let mut depth = 0u32;
-        let mut reached = HashSet::new();
+        let mut found = HashSet::new();
         for r in rows {
             let g: String = r.try_get_by_index(0).map_err(db_error)?;
             let d: i32 = r.try_get_by_index(1).map_err(db_error)?;
             depth = depth.max(d.max(0) as u32);
-            reached.insert(g);
+            found.insert(g);
         }
-        Ok((depth, reached))
+        Ok((depth, found))
+    }
+
+    /// For each of `groups`, the longest chain of memberships below it
+    /// (counted up to `MAX_NESTING + 1`): one statement per 500 groups.
+    async fn heights<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        project: &str,
+        groups: &[&str],
+    ) -> Result<HashMap<String, u32>, DomainError> {
+        let mut out = HashMap::new();
+        for chunk in groups.chunks(500) {
+            let mut values = vec![v(project)];
+            values.extend(chunk.iter().map(|g| v(g)));
+            values.extend([v(project), Value::from(MAX_NESTING as i32)]);
+            let stmt = sql(
+                self.backend(),
+                &format!(
+                    "WITH RECURSIVE r(o, g, d) AS (\
+                       SELECT group_id, group_id, 0 FROM groups \
+                       WHERE project = ? AND group_id IN ({}) \
+                       UNION \
+                       SELECT r.o, m.member_id, r.d + 1 FROM group_groups m \
+                       JOIN r ON m.group_id = r.g WHERE m.project = ? AND r.d <= ?) \
+                     SELECT o, MAX(d) FROM r GROUP BY o",
+                    marks(chunk.len())
+                ),
+                values,
+            );
+            for r in conn.query_all_raw(stmt).await.map_err(db_error)? {
+                let g: String = r.try_get_by_index(0).map_err(db_error)?;
+                let d: i32 = r.try_get_by_index(1).map_err(db_error)?;
+                out.insert(g, d.max(0) as u32);
+            }
+        }
+        Ok(out)
     }
 
     /// Locks the group's row for a membership change and reads it; None if
-    /// it is gone.
+    /// it is gone. PostgreSQL: READ COMMITTED, so that the checks after a
+    /// lock wait see what the lock holder committed; nesting changes first
+    /// take the project's advisory lock; the row lock (`FOR NO KEY UPDATE`)
+    /// orders changes of one group and holds a DeleteGroup back, and writes
+    /// nothing. SQLite: an update that changes nothing takes the database's
+    /// write lock before anything is read.
     async fn lock_group(
         &self,
         txn: &DatabaseTransaction,
         name: &GroupName,
         nesting: bool,
     ) -> Result<Option<Group>, DomainError> {
-        if nesting && self.backend() == DatabaseBackend::Postgres {
-            txn.execute_raw(sql(
-                self.backend(),
-                "SELECT pg_advisory_xact_lock(?)",
-                vec![Value::from(nesting_lock_key(&name.project))],
-            ))
-            .await
-            .map_err(db_error)?;
-        }
-        let res = txn
-            .execute_raw(sql(
-                self.backend(),
-                "UPDATE groups SET revision = revision WHERE project = ? AND group_id = ?",
-                vec![v(name.project.as_str()), v(name.group.as_str())],
-            ))
-            .await
-            .map_err(db_error)?;
-        if res.rows_affected() != 1 {
-            return Ok(None);
-        }
-        groups::Entity::find_by_id((
-            name.project.as_str().to_owned(),
-            name.group.as_str().to_owned(),
-        ))
-        .one(txn)
-        .await
-        .map_err(db_error)?
-        .map(from_model)
-        .transpose()
+        let key = || vec![v(name.project.as_str()), v(name.group.as_str())];
+        let read = if self.backend() == DatabaseBackend::Postgres {
+            txn.execute_unprepared("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .await
+                .map_err(db_error)?;
+            if nesting {
+                txn.execute_raw(sql(
+                    self.backend(),
+                    "SELECT pg_advisory_xact_lock(?)",
+                    vec![Value::from(nesting_lock_key(&name.project))],
+                ))
+                .await
+                .map_err(db_error)?;
+            }
+            "SELECT * FROM groups WHERE project = ? AND group_id = ? FOR NO KEY UPDATE"
+        } else {
+            let res = txn
+                .execute_raw(sql(
+                    self.backend(),
+                    "UPDATE groups SET revision = revision WHERE project = ? AND group_id = ?",
+                    key(),
+                ))
+                .await
+                .map_err(db_error)?;
+            if res.rows_affected() != 1 {
+                return Ok(None);
+            }
+            "SELECT * FROM groups WHERE project = ? AND group_id = ?"
+        };
+        Ok(Self::group_rows(txn, sql(self.backend(), read, key()))
+            .await?
+            .into_iter()
+            .next())
     }
 
     /// Which of `ids` exist (users: not past their purge time).
@@ -319,20 +357,23 @@ impl SeaOrmRepository {
             return Err(MembershipError::MemberNotFound(i));
         }
         if nesting {
-            let (above, _) = self.reach(txn, project, name.group.as_str(), false).await?;
-            let mut seen = HashSet::new();
+            // A member that contains the group (or is the group) would close
+            // a cycle: it is one of the group's ancestors.
+            let (above, ancestors) = self.ancestors(txn, project, name.group.as_str()).await?;
+            let nested: Vec<&str> = members
+                .iter()
+                .filter(|m| m.kind == MemberKind::Group)
+                .map(|m| m.id.as_str())
+                .collect();
+            let below = self.heights(txn, project, &nested).await?;
             for (i, m) in members.iter().enumerate() {
-                if m.kind != MemberKind::Group || !seen.insert(m.id.as_str()) {
+                if m.kind != MemberKind::Group {
                     continue;
                 }
-                if m.id == name.group.as_str() {
+                if ancestors.contains(&m.id) {
                     return Err(MembershipError::Cycle(i));
                 }
-                let (below, reached) = self.reach(txn, project, &m.id, true).await?;
-                if reached.contains(name.group.as_str()) {
-                    return Err(MembershipError::Cycle(i));
-                }
-                let depth = above + 1 + below;
+                let depth = above + 1 + below.get(&m.id).copied().unwrap_or(0);
                 if depth > MAX_NESTING {
                     return Err(MembershipError::TooDeep { index: i, depth });
                 }
@@ -417,21 +458,34 @@ impl SeaOrmRepository {
         after: &str,
         limit: u64,
     ) -> Result<Vec<String>, DomainError> {
-        let one = "SELECT gu.user_id FROM group_users gu \
-                   JOIN users u ON u.project = gu.project AND u.user_id = gu.user_id \
-                   WHERE gu.project = ? AND gu.group_id = ? AND gu.user_id > ? \
-                   AND u.delete_time IS NULL ORDER BY gu.user_id LIMIT ?";
-        let mut out = BTreeSet::new();
+        let mut out: BTreeSet<String> = BTreeSet::new();
         for chunk in groups.chunks(GROUPS_PER_STATEMENT) {
-            let template = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, _)| format!("SELECT user_id FROM ({one}) AS t{i}"))
+            // Once a page is full, later groups only matter below its end.
+            let below = (out.len() as u64 >= limit)
+                .then(|| out.last().cloned())
+                .flatten();
+            let one = format!(
+                "SELECT gu.user_id FROM group_users gu \
+                 JOIN users u ON u.project = gu.project AND u.user_id = gu.user_id \
+                 WHERE gu.project = ? AND gu.group_id = ? AND gu.user_id > ? {} \
+                 AND u.delete_time IS NULL ORDER BY gu.user_id LIMIT ?",
+                if below.is_some() {
+                    "AND gu.user_id < ?"
+                } else {
+                    ""
+                }
+            );
+            let template = (0..chunk.len())
+                .map(|i| format!("SELECT user_id FROM ({one}) AS t{i}"))
                 .collect::<Vec<_>>()
                 .join(" UNION ALL ");
-            let mut values = Vec::with_capacity(chunk.len() * 4);
+            let mut values = Vec::with_capacity(chunk.len() * 5);
             for g in chunk {
-                values.extend([v(project), v(g), v(after), Value::from(limit as i64)]);
+                values.extend([v(project), v(g), v(after)]);
+                if let Some(b) = &below {
+                    values.push(v(b));
+                }
+                values.push(Value::from(limit as i64));
             }
             out.extend(Self::strings(&self.db, sql(self.backend(), &template, values)).await?);
             // Only the first `limit` can be on this page.

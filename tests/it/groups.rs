@@ -38,6 +38,7 @@ both_engines!(
     groups_filter_errors,
     groups_filter_on_a_group_of_2100,
     groups_filter_through_a_wide_hierarchy,
+    large_groups_page_within_a_response,
     group_rpcs_need_their_scopes,
     group_rpcs_are_confined_to_granted_projects,
     group_rpcs_need_a_token,
@@ -4265,4 +4266,75 @@ async fn groups_filter_through_a_wide_hierarchy(e: Engine) {
     );
     let members = members(&mut g, &top.name, true).await;
     assert_eq!(members.len(), 230 + 4, "every nested group and user once");
+}
+
+/// Groups near their size limits: a page of 1000 would be far over what a
+/// gRPC client accepts (4 MiB), so pages are cut short, with a token, and
+/// every group still comes exactly once (ListGroups and ListUserGroups).
+async fn large_groups_page_within_a_response(e: Engine) {
+    let s = TestServer::start(e).await;
+    let mut c = s.client();
+    let mut g = s.groups();
+    let member = create(&mut c, user("joiner@example.com")).await;
+    let metadata: std::collections::BTreeMap<String, String> = (0..50)
+        .map(|k| (format!("key-{k:02}"), "v".repeat(500)))
+        .collect();
+    let mut names = Vec::new();
+    for i in 0..150 {
+        let created = g
+            .create_group(pb::CreateGroupRequest {
+                parent: PROJECT.into(),
+                group_id: format!("big-{i:03}"),
+                group: Some(pb::Group {
+                    display_name: format!("Big {i}"),
+                    description: "d".repeat(4096),
+                    metadata: metadata.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("create a large group")
+            .into_inner();
+        add(&mut g, &created.name, &[&member.name])
+            .await
+            .expect("member");
+        names.push(created.name);
+    }
+    let pages = group_pages(&mut g, "", "create_time", 1000)
+        .await
+        .expect("list");
+    assert!(
+        pages.len() >= 2,
+        "150 groups of ~30 KB need more than one page"
+    );
+    for p in &pages {
+        let bytes: usize = p.iter().map(prost::Message::encoded_len).sum();
+        assert!(bytes < 4 * 1024 * 1024, "a page of {bytes} bytes");
+    }
+    let listed: Vec<String> = pages.into_iter().flatten().map(|g| g.name).collect();
+    assert_eq!(listed, names, "every group once, in order");
+    let mut token = String::new();
+    let mut of_user = Vec::new();
+    let mut rounds = 0;
+    loop {
+        let page = g
+            .list_user_groups(pb::ListUserGroupsRequest {
+                user: member.name.clone(),
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("user groups")
+            .into_inner();
+        rounds += 1;
+        of_user.extend(page.groups.into_iter().map(|g| g.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert!(rounds >= 2, "cut into pages");
+    assert_eq!(of_user, names);
 }
