@@ -141,7 +141,9 @@ pub async fn serve(
             .tls_config(tls)
             .map_err(|e| format!("cannot use the TLS settings: {e}"))?;
     }
-    let mut drained = drain_rx;
+    // Raised a moment after `drain_tx`: the server stops taking connections
+    // and closes each once its calls are done.
+    let (stop_tx, mut stopped) = tokio::sync::watch::channel(false);
     let server = builder
         // A backstop behind the load-shed layer's own --request-timeout
         // (which answers DEADLINE_EXCEEDED first): also bounds the
@@ -160,7 +162,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
-                let _ = drained.wait_for(|d| *d).await;
+                let _ = stopped.wait_for(|d| *d).await;
             },
         );
     tokio::pin!(server);
@@ -179,18 +181,14 @@ pub async fn serve(
                 Ok(r) => r,
                 Err(_) => {
                     let _ = drain_tx.send(true);
-                    // Health Watch streams end too (they would hold the
-                    // grace period open).
-                    reporter.clear_service_status("").await;
-                    reporter.clear_service_status(SERVICE_NAME).await;
-                    reporter.clear_service_status(GROUP_SERVICE_NAME).await;
-                    info!(grace = ?settings.shutdown_grace, "shutting down: no new connections; finishing calls in flight");
-                    match tokio::time::timeout(settings.shutdown_grace, &mut server).await {
+                    // Open streams end first, with their resume token, and
+                    // the clients read those trailers before the connection
+                    // closes: a socket closed while the peer's last frames
+                    // are unread is reset, and the reset can destroy the
+                    // trailers still on their way.
+                    match tokio::time::timeout(STREAM_LINGER, &mut server).await {
                         Ok(r) => r,
-                        Err(_) => {
-                            warn!("calls still running after the grace period: stopping them");
-                            Ok(())
-                        }
+                        Err(_) => finish_calls(&mut server, &stop_tx, &mut reporter, &settings).await,
                     }
                 }
             }
@@ -205,6 +203,35 @@ pub async fn serve(
     info!("stopped");
     Ok(())
 }
+
+/// Stops taking connections and gives the calls in flight the grace period.
+async fn finish_calls<F>(
+    server: &mut std::pin::Pin<&mut F>,
+    stop_tx: &tokio::sync::watch::Sender<bool>,
+    reporter: &mut HealthReporter,
+    settings: &Settings,
+) -> Result<(), tonic::transport::Error>
+where
+    F: std::future::Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let _ = stop_tx.send(true);
+    // Health Watch streams end too (they would hold the grace period open).
+    reporter.clear_service_status("").await;
+    reporter.clear_service_status(SERVICE_NAME).await;
+    reporter.clear_service_status(GROUP_SERVICE_NAME).await;
+    info!(grace = ?settings.shutdown_grace, "shutting down: no new connections; finishing calls in flight");
+    match tokio::time::timeout(settings.shutdown_grace, server.as_mut()).await {
+        Ok(r) => r,
+        Err(_) => {
+            warn!("calls still running after the grace period: stopping them");
+            Ok(())
+        }
+    }
+}
+
+/// How long open streams have, after being told to end, before connections
+/// start closing (see `serve`).
+const STREAM_LINGER: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Background tasks of one server, stopped when it stops.
 struct Background(Vec<tokio::task::AbortHandle>);
