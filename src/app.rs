@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+
+use crate::linger::Lingering;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -144,6 +146,8 @@ pub async fn serve(
     // Raised a moment after `drain_tx`: the server stops taking connections
     // and closes each once its calls are done.
     let (stop_tx, mut stopped) = tokio::sync::watch::channel(false);
+    // Connections closing (see `linger`): waited for before the process exits.
+    let closes = tokio_util::task::TaskTracker::new();
     let server = builder
         // A backstop behind the load-shed layer's own --request-timeout
         // (which answers DEADLINE_EXCEEDED first): also bounds the
@@ -160,7 +164,13 @@ pub async fn serve(
         // Without TCP_NODELAY a response written in several pieces waits for
         // the client's delayed ACK (40 ms on Linux) between them.
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            {
+                let closes = closes.clone();
+                tokio_stream::StreamExt::map(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    move |accepted| accepted.map(|s| Lingering::new(s, closes.clone())),
+                )
+            },
             async move {
                 let _ = stopped.wait_for(|d| *d).await;
             },
@@ -196,6 +206,8 @@ pub async fn serve(
     };
     background.abort();
     set_health(&reporter, ServingStatus::NotServing).await;
+    closes.close();
+    let _ = tokio::time::timeout(crate::linger::LINGER, closes.wait()).await;
     result?;
     if let Err(e) = users.repository().checkpoint().await {
         warn!(error = %e, "WAL checkpoint at stop failed");

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod grpc;
+pub mod linger;
 pub mod metrics;
 pub mod proto;
 pub mod storage;
