@@ -10,7 +10,7 @@ use tonic::{Status, Streaming};
 use super::audit::{self, Audit};
 use super::convert::{batch_fingerprint, parse_profile, user_to_proto};
 use super::trace::record_project;
-use super::{MAX_RESPONSE_BYTES, PAGE_BYTES, fit_page};
+use super::{MAX_RESPONSE_BYTES, PAGE_BYTES, check_key, fit_page, write_parent};
 use crate::domain::query::{encode_page_token, next_page_token};
 use crate::domain::{
     Caller, DomainError, IdempotencyKey, ImportLog, NewUser, ProjectId, Scope, State, UserId,
@@ -110,12 +110,7 @@ pub(super) async fn batch_create<R: UserRepository>(
 ) -> Result<pb::BatchCreateUsersResponse, Status> {
     audit.caller().require_scope(Scope::Write)?;
     let mut v = Violations::default();
-    let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
-    if let Some(p) = &project {
-        record_project(p.as_str());
-        audit.about(p.as_str(), req.parent.clone());
-        audit.caller().require_project(p)?;
-    }
+    let project = write_parent(&audit, &req.parent, &mut v)?;
     if req.requests.is_empty() || req.requests.len() > MAX_BATCH_CREATE {
         v.push(
             "requests",
@@ -129,12 +124,7 @@ pub(super) async fn batch_create<R: UserRepository>(
             .err()
             .map_or_else(|| Status::internal("internal error"), Status::from));
     }
-    if !req.request_id.is_empty()
-        && v.check(|| "request_id".into(), check_request_id(&req.request_id))
-            .is_some()
-    {
-        audit.request_id(&req.request_id);
-    }
+    check_key(&audit, &req.request_id, &mut v);
     // The answer repeats every user with its output fields: it must fit in
     // one response too.
     let answer = prost::Message::encoded_len(&req) + req.requests.len() * OUTPUT_BYTES_PER_USER;

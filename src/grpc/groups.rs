@@ -6,10 +6,9 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::audit::Audit;
-use super::bulk::check_request_id;
 use super::convert::{MAX_MASK_PATH_BYTES, MAX_MASK_PATHS, parse_metadata, snake_case, timestamp};
 use super::trace::record_project;
-use super::{authorize, etag, write_call};
+use super::{authorize, check_key, etag, write_call, write_parent};
 use crate::domain::filter::{Subject, parse_for};
 use crate::domain::group::{
     GROUP_OUTPUT_ONLY_PATHS, GroupField, GroupOrder, GroupPath, MAX_DESCRIPTION,
@@ -253,18 +252,8 @@ impl<R: GroupRepository> GroupService for GroupServiceImpl<R> {
         let outcome = async {
             audit.caller().require_scope(Scope::Write)?;
             let mut v = Violations::default();
-            let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
-            if let Some(p) = &project {
-                record_project(p.as_str());
-                audit.about(p.as_str(), req.parent.clone());
-                audit.caller().require_project(p)?;
-            }
-            if !req.request_id.is_empty()
-                && v.check(|| "request_id".into(), check_request_id(&req.request_id))
-                    .is_some()
-            {
-                audit.request_id(&req.request_id);
-            }
+            let project = write_parent(&audit, &req.parent, &mut v)?;
+            check_key(&audit, &req.request_id, &mut v);
             let id = if req.group_id.is_empty() {
                 None
             } else {

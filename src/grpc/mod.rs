@@ -106,6 +106,33 @@ fn parse_name(name: &str, field: &str) -> Result<UserName, Status> {
     Ok(parsed)
 }
 
+/// The project of a create's `parent`: recorded for the trace and the
+/// audit trail, and refused unless the caller may write it.
+fn write_parent(
+    audit: &Audit,
+    parent: &str,
+    v: &mut Violations,
+) -> Result<Option<ProjectId>, Status> {
+    let project = v.check(|| "parent".into(), ProjectId::parse_parent(parent));
+    if let Some(p) = &project {
+        record_project(p.as_str());
+        audit.about(p.as_str(), parent.to_owned());
+        audit.caller().require_project(p)?;
+    }
+    Ok(project)
+}
+
+/// Checks an idempotency key (empty: none) and, when valid, records it in
+/// the audit trail.
+fn check_key(audit: &Audit, request_id: &str, v: &mut Violations) {
+    if !request_id.is_empty()
+        && v.check(|| "request_id".into(), check_request_id(request_id))
+            .is_some()
+    {
+        audit.request_id(request_id);
+    }
+}
+
 fn etag(e: &str) -> Option<&str> {
     if e.is_empty() { None } else { Some(e) }
 }
@@ -118,18 +145,8 @@ impl<R: UserRepository> UserService for UserServiceImpl<R> {
         let outcome = async {
             audit.caller().require_scope(Scope::Write)?;
             let mut v = Violations::default();
-            let project = v.check(|| "parent".into(), ProjectId::parse_parent(&req.parent));
-            if let Some(p) = &project {
-                record_project(p.as_str());
-                audit.about(p.as_str(), req.parent.clone());
-                audit.caller().require_project(p)?;
-            }
-            if !req.request_id.is_empty()
-                && v.check(|| "request_id".into(), check_request_id(&req.request_id))
-                    .is_some()
-            {
-                audit.request_id(&req.request_id);
-            }
+            let project = write_parent(&audit, &req.parent, &mut v)?;
+            check_key(&audit, &req.request_id, &mut v);
             let new = bulk::parse_create(&req, "", project, &mut v);
             v.into_result()?;
             let Some(new) = new else {
