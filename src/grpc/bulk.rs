@@ -110,7 +110,7 @@ pub(super) async fn batch_create<R: UserRepository>(
 ) -> Result<pb::BatchCreateUsersResponse, Status> {
     audit.caller().require_scope(Scope::Write)?;
     let mut v = Violations::default();
-    let project = write_parent(&audit, &req.parent, &mut v)?;
+    let project = write_parent(audit, &req.parent, &mut v)?;
     if req.requests.is_empty() || req.requests.len() > MAX_BATCH_CREATE {
         v.push(
             "requests",
@@ -124,7 +124,7 @@ pub(super) async fn batch_create<R: UserRepository>(
             .err()
             .map_or_else(|| Status::internal("internal error"), Status::from));
     }
-    check_key(&audit, &req.request_id, &mut v);
+    check_key(audit, &req.request_id, &mut v);
     // The answer repeats every user with its output fields: it must fit in
     // one response too.
     let answer = prost::Message::encoded_len(&req) + req.requests.len() * OUTPUT_BYTES_PER_USER;
