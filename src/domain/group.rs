@@ -5,7 +5,7 @@ use std::fmt;
 
 use super::filter::Filter;
 use super::query::fingerprint;
-use super::values::{ProjectId, Reason, Timestamp, UserId, check_resource_id};
+use super::values::{ProjectId, Reason, Timestamp, UserId, resource_id};
 
 /// Most members one AddGroupMembers or RemoveGroupMembers call may name.
 pub const MAX_MEMBERS_PER_CALL: usize = 1000;
@@ -14,35 +14,11 @@ pub const MAX_NESTING: u32 = 8;
 /// Most characters of a group's description.
 pub const MAX_DESCRIPTION: usize = 4096;
 
-/// The `{group}` of a resource name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GroupId(String);
-
-impl GroupId {
-    pub fn parse(s: &str) -> Result<Self, Reason> {
-        check_resource_id(s, "group id")?;
-        Ok(Self(s.to_owned()))
-    }
-
-    /// A new time-ordered id (UUIDv7, lowercase, hyphenated).
-    pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().hyphenated().to_string())
-    }
-
-    pub fn from_stored(s: String) -> Self {
-        Self(s)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for GroupId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+resource_id!(
+    /// The `{group}` of a resource name.
+    GroupId,
+    "group id"
+);
 
 /// `projects/{project}/groups/{group}`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -75,35 +75,48 @@ impl fmt::Display for ProjectId {
     }
 }
 
-/// The `{user}` of a resource name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(String);
+/// A caller-chosen or generated resource id (`{user}`, `{group}`): the id
+/// rules, a UUIDv7 when generated, and display; `what` names it in errors.
+macro_rules! resource_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
 
-impl UserId {
-    pub fn parse(s: &str) -> Result<Self, Reason> {
-        check_resource_id(s, "user id")?;
-        Ok(Self(s.to_owned()))
-    }
+        impl $name {
+            pub fn parse(s: &str) -> Result<Self, $crate::domain::values::Reason> {
+                $crate::domain::values::check_resource_id(s, $what)?;
+                Ok(Self(s.to_owned()))
+            }
 
-    /// A new time-ordered id (UUIDv7, lowercase, hyphenated).
-    pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().hyphenated().to_string())
-    }
+            /// A new time-ordered id (UUIDv7, lowercase, hyphenated).
+            pub fn generate() -> Self {
+                Self(uuid::Uuid::now_v7().hyphenated().to_string())
+            }
 
-    pub fn from_stored(s: String) -> Self {
-        Self(s)
-    }
+            pub fn from_stored(s: String) -> Self {
+                Self(s)
+            }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
 }
+pub(crate) use resource_id;
 
-impl fmt::Display for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+resource_id!(
+    /// The `{user}` of a resource name.
+    UserId,
+    "user id"
+);
 
 /// A full user resource name, `projects/{project}/users/{user}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
