@@ -168,12 +168,7 @@ impl GroupField {
 pub const GROUP_OUTPUT_ONLY_PATHS: &[&str] = &["name", "create_time", "update_time", "etag"];
 
 /// One entry of a group update mask.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GroupPath {
-    Whole(GroupField),
-    /// `metadata.KEY`: set or remove one key.
-    MetadataKey(String),
-}
+pub type GroupPath = super::user::MaskPath<GroupField>;
 
 impl GroupFields {
     /// Copies the fields named by `paths` from `from`.

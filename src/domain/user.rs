@@ -157,15 +157,18 @@ pub const OUTPUT_ONLY_PATHS: &[&str] = &[
     "etag",
 ];
 
-/// One entry of an update mask.
+/// One entry of an update mask over the fields `F` of a resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FieldPath {
-    Whole(Field),
+pub enum MaskPath<F> {
+    Whole(F),
     /// `metadata.KEY`: set or remove one key.
     MetadataKey(String),
 }
 
-impl FieldPath {
+/// One entry of a User update mask.
+pub type FieldPath = MaskPath<Field>;
+
+impl MaskPath<Field> {
     pub fn field(&self) -> Field {
         match self {
             FieldPath::Whole(f) => *f,

@@ -9,7 +9,7 @@ use serde_json::{Map as JsonMap, Number, Value as Json};
 
 use crate::domain::user::{
     MAX_ADDRESS_LINES, MAX_ADDRESSES, MAX_CUSTOM_DATA_BYTES, MAX_LABELS, MAX_LONG_TEXT,
-    MAX_METADATA, MAX_METADATA_VALUE, MAX_SECONDARY, MAX_SHORT_TEXT,
+    MAX_METADATA, MAX_METADATA_VALUE, MAX_SECONDARY, MAX_SHORT_TEXT, MaskPath,
 };
 use crate::domain::values::{
     check_label, check_metadata_key, check_text, clip, parse_country_code,
@@ -493,9 +493,31 @@ pub const MAX_MASK_PATHS: usize = 100;
 /// Longest path (`metadata.` and a 64-character key, quoted).
 pub(super) const MAX_MASK_PATH_BYTES: usize = 80;
 
-/// Parses the paths of an update mask. `*` stands for every writable field.
+/// Parses the paths of a User update mask. `*` stands for every writable
+/// field.
 pub fn parse_mask(paths: &[String], v: &mut Violations) -> Vec<FieldPath> {
     use crate::domain::user::OUTPUT_ONLY_PATHS;
+    parse_mask_of(
+        paths,
+        v,
+        Field::ALL,
+        Field::from_path,
+        OUTPUT_ONLY_PATHS,
+        "User",
+    )
+}
+
+/// Parses the paths of an update mask over the writable fields `all` of a
+/// resource (`what` names it in errors): snake_case or lowerCamelCase
+/// paths, `metadata.KEY` (optionally backquoted), `*` alone for every field.
+pub(super) fn parse_mask_of<F: Copy>(
+    paths: &[String],
+    v: &mut Violations,
+    all: &[F],
+    from_path: fn(&str) -> Option<F>,
+    output_only: &[&str],
+    what: &str,
+) -> Vec<MaskPath<F>> {
     if paths.len() > MAX_MASK_PATHS {
         v.push(
             "update_mask.paths",
@@ -506,7 +528,7 @@ pub fn parse_mask(paths: &[String], v: &mut Violations) -> Vec<FieldPath> {
         );
         return Vec::new();
     }
-    let mut out: Vec<FieldPath> = Vec::new();
+    let mut out = Vec::new();
     for (i, raw) in paths.iter().enumerate() {
         let at = || format!("update_mask.paths[{i}]");
         let p = raw.trim();
@@ -521,7 +543,7 @@ pub fn parse_mask(paths: &[String], v: &mut Violations) -> Vec<FieldPath> {
             if paths.len() > 1 {
                 v.push(at(), "`*` cannot be combined with other paths");
             }
-            out.extend(Field::ALL.iter().copied().map(FieldPath::Whole));
+            out.extend(all.iter().copied().map(MaskPath::Whole));
             continue;
         }
         if let Some(key) = p.strip_prefix("metadata.") {
@@ -530,18 +552,19 @@ pub fn parse_mask(paths: &[String], v: &mut Violations) -> Vec<FieldPath> {
                 .and_then(|k| k.strip_suffix('`'))
                 .unwrap_or(key);
             if let Some(key) = v.check(at, check_metadata_key(key).map(|_| key)) {
-                out.push(FieldPath::MetadataKey(key.to_owned()));
+                out.push(MaskPath::MetadataKey(key.to_owned()));
             }
             continue;
         }
-        match Field::from_path(p).or_else(|| Field::from_path(&snake_case(p))) {
-            Some(f) => out.push(FieldPath::Whole(f)),
-            None if OUTPUT_ONLY_PATHS.contains(&p) => {
+        let snake = snake_case(p);
+        match from_path(p).or_else(|| from_path(&snake)) {
+            Some(f) => out.push(MaskPath::Whole(f)),
+            None if output_only.contains(&p) || output_only.contains(&snake.as_str()) => {
                 v.push(at(), format!("`{p}` is output only and cannot be updated"))
             }
             None => v.push(
                 at(),
-                format!("`{p}` is not a field of User that can be updated"),
+                format!("`{p}` is not a field of {what} that can be updated"),
             ),
         }
     }

@@ -6,7 +6,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::audit::Audit;
-use super::convert::{MAX_MASK_PATH_BYTES, MAX_MASK_PATHS, parse_metadata, snake_case, timestamp};
+use super::convert::{parse_mask_of, parse_metadata, timestamp};
 use super::trace::record_project;
 use super::{authorize, check_key, etag, write_call, write_parent};
 use crate::domain::filter::{Subject, parse_for};
@@ -99,56 +99,14 @@ fn parse_fields(
 }
 
 fn parse_group_mask(paths: &[String], v: &mut Violations) -> Vec<GroupPath> {
-    if paths.len() > MAX_MASK_PATHS {
-        v.push(
-            "update_mask.paths",
-            format!(
-                "at most {MAX_MASK_PATHS} paths are allowed (got {})",
-                paths.len()
-            ),
-        );
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    for (i, raw) in paths.iter().enumerate() {
-        let at = || format!("update_mask.paths[{i}]");
-        let p = raw.trim();
-        if p.len() > MAX_MASK_PATH_BYTES {
-            v.push(
-                at(),
-                format!("a path is at most {MAX_MASK_PATH_BYTES} bytes long"),
-            );
-            continue;
-        }
-        if p == "*" {
-            if paths.len() > 1 {
-                v.push(at(), "`*` cannot be combined with other paths");
-            }
-            out.extend(GroupField::ALL.iter().copied().map(GroupPath::Whole));
-            continue;
-        }
-        if let Some(key) = p.strip_prefix("metadata.") {
-            let key = key
-                .strip_prefix('`')
-                .and_then(|k| k.strip_suffix('`'))
-                .unwrap_or(key);
-            if let Some(key) = v.check(at, crate::domain::check_metadata_key(key).map(|_| key)) {
-                out.push(GroupPath::MetadataKey(key.to_owned()));
-            }
-            continue;
-        }
-        match GroupField::from_path(p).or_else(|| GroupField::from_path(&snake_case(p))) {
-            Some(f) => out.push(GroupPath::Whole(f)),
-            None if GROUP_OUTPUT_ONLY_PATHS.contains(&snake_case(p).as_str()) => {
-                v.push(at(), format!("`{p}` is output only and cannot be updated"))
-            }
-            None => v.push(
-                at(),
-                format!("`{p}` is not a field of Group that can be updated"),
-            ),
-        }
-    }
-    out
+    parse_mask_of(
+        paths,
+        v,
+        &GroupField::ALL,
+        GroupField::from_path,
+        GROUP_OUTPUT_ONLY_PATHS,
+        "Group",
+    )
 }
 
 /// The fields an update without a mask writes: those populated.
