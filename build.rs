@@ -9,6 +9,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "users/v1/user_service.proto",
     "users/v1/group_service.proto",
+    "users/v1/event_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -19,7 +19,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::auth::AuthLayer;
 use crate::config::Settings;
+use crate::domain::events::{EventRepository, Events};
 use crate::domain::{Groups, UserRepository, Users};
+use crate::grpc::events::{EventServiceImpl, EventServiceServer};
 use crate::grpc::groups::{GroupServiceImpl, GroupServiceServer};
 use crate::grpc::overload::{Limits, LoadShedLayer};
 use crate::grpc::trace::RpcTraceLayer;
@@ -33,6 +35,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub const SERVICE_NAME: &str = "users.v1.UserService";
 /// Served beside UserService, on the same database.
 pub const GROUP_SERVICE_NAME: &str = "users.v1.GroupService";
+pub const EVENT_SERVICE_NAME: &str = "users.v1.EventService";
 
 /// Connects to the database and applies migrations.
 pub async fn open_database(settings: &Settings) -> Result<SeaOrmRepository, BoxError> {
@@ -68,7 +71,7 @@ pub async fn open_database(settings: &Settings) -> Result<SeaOrmRepository, BoxE
             .map_err(|e| format!("cannot migrate the database: {e}"))?;
         db
     };
-    Ok(SeaOrmRepository::new(db)
+    Ok(SeaOrmRepository::new(db, crate::grpc::events::encode_event)
         .with_sqlite_readers(url)
         .with_heavy_read_limit((settings.db_max_connections / 2).max(1) as usize))
 }
@@ -100,6 +103,7 @@ pub async fn serve(
     let verifier = auth.verifier().await?;
     let repo = open_database(&settings).await?;
     let groups = Arc::new(Groups::new(repo.clone()));
+    let events = Arc::new(Events::new(repo.clone(), settings.event_retention));
     let users = Arc::new(Users::new(repo, settings.delete_retention));
 
     let (mut reporter, health) = tonic_health::server::health_reporter();
@@ -110,8 +114,22 @@ pub async fn serve(
         reporter.clone(),
         settings.health_interval,
     ));
-    let purger = tokio::spawn(purge_loop(users.clone(), settings.purge_interval));
-    let background = Background(vec![prober.abort_handle(), purger.abort_handle()]);
+    let purger = tokio::spawn(purge_loop(
+        users.clone(),
+        events.clone(),
+        settings.purge_interval,
+    ));
+    let mut tasks = vec![prober.abort_handle(), purger.abort_handle()];
+    if let Some(url) = &settings.events_nats_url {
+        let relay = crate::relay::Relay::new(
+            events.clone(),
+            url.clone(),
+            settings.events_nats_subject_prefix.clone(),
+            settings.database_url.clone(),
+        );
+        tasks.push(tokio::spawn(relay.run()).abort_handle());
+    }
+    let background = Background(tasks);
 
     // Reflection knows the error detail types too, so tools such as grpcurl
     // can decode google.rpc.BadRequest and friends.
@@ -136,6 +154,10 @@ pub async fn serve(
     let group_service = GroupServiceServer::new(GroupServiceImpl::new(groups))
         .max_decoding_message_size(settings.max_request_bytes)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    let event_service =
+        EventServiceServer::new(EventServiceImpl::new(events.clone(), drain_rx.clone()))
+            .max_decoding_message_size(settings.max_request_bytes)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES);
     info!(%addr, tls = tls.is_some(), auth = auth.enabled(), "serving users.v1.UserService");
     let mut builder = Server::builder();
     if let Some(tls) = tls {
@@ -161,6 +183,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(group_service)
+        .add_service(event_service)
         // Without TCP_NODELAY a response written in several pieces waits for
         // the client's delayed ACK (40 ms on Linux) between them.
         .serve_with_incoming_shutdown(
@@ -231,6 +254,7 @@ where
     reporter.clear_service_status("").await;
     reporter.clear_service_status(SERVICE_NAME).await;
     reporter.clear_service_status(GROUP_SERVICE_NAME).await;
+    reporter.clear_service_status(EVENT_SERVICE_NAME).await;
     info!(grace = ?settings.shutdown_grace, "shutting down: no new connections; finishing calls in flight");
     match tokio::time::timeout(settings.shutdown_grace, server.as_mut()).await {
         Ok(r) => r,
@@ -338,6 +362,9 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     reporter
         .set_service_status(GROUP_SERVICE_NAME, status)
         .await;
+    reporter
+        .set_service_status(EVENT_SERVICE_NAME, status)
+        .await;
 }
 
 /// Probes the database: NOT_SERVING while it does not answer.
@@ -379,7 +406,11 @@ async fn watch_database<R: UserRepository>(
 /// Erases soft-deleted users whose retention has run out, every `every`.
 /// Replicas may purge at the same time: each user is deleted in a statement
 /// that re-checks its purge time, so only one of them counts it.
-async fn purge_loop<R: UserRepository>(users: Arc<Users<R>>, every: std::time::Duration) {
+async fn purge_loop<R: UserRepository + EventRepository>(
+    users: Arc<Users<R>>,
+    events: Arc<Events<R>>,
+    every: std::time::Duration,
+) {
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await;
@@ -392,6 +423,13 @@ async fn purge_loop<R: UserRepository>(users: Arc<Users<R>>, every: std::time::D
                 info!(purged = n, "purged soft-deleted users past retention");
             }
             Err(e) => warn!(error = %e, "purge failed"),
+        }
+        // Safe on several replicas at once: each compaction removes a prefix
+        // of a log and raises its mark in one transaction.
+        match events.compact().await {
+            Ok(0) => {}
+            Ok(n) => info!(compacted = n, "compacted change events past retention"),
+            Err(e) => warn!(error = %e, "event compaction failed"),
         }
     }
 }

@@ -245,6 +245,21 @@ pub struct Settings {
     /// How often soft-deleted users past their retention are purged.
     #[arg(long, env = "USER_SERVICE_PURGE_INTERVAL", default_value = "60s", value_parser = positive_duration, global = true)]
     pub purge_interval: Duration,
+
+    /// How long change events are kept (EventService); older ones are
+    /// compacted away, every --purge-interval.
+    #[arg(long, env = "USER_SERVICE_EVENT_RETENTION", default_value = "7d", value_parser = positive_duration, global = true)]
+    pub event_retention: Duration,
+
+    /// Publish every change event to this NATS server's JetStream (e.g.
+    /// nats://127.0.0.1:4222); off when unset.
+    #[arg(long, env = "USER_SERVICE_EVENTS_NATS_URL", global = true)]
+    pub events_nats_url: Option<String>,
+
+    /// Subject prefix of published events: each goes to `{prefix}.{project}`;
+    /// the relay creates a stream for `{prefix}.>` if none covers it.
+    #[arg(long, env = "USER_SERVICE_EVENTS_NATS_SUBJECT_PREFIX", default_value = "users.events", value_parser = subject_prefix, global = true)]
+    pub events_nats_subject_prefix: String,
 }
 
 impl Settings {
@@ -275,6 +290,21 @@ impl Settings {
         let mut s = Cli::parse_from(["user-service"]).settings;
         s.database_url = database_url.into();
         s
+    }
+}
+
+/// A NATS subject prefix: dot-separated tokens, no wildcards or spaces.
+fn subject_prefix(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.split('.').all(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_graphic() && c != '*' && c != '>')
+        });
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("must be dot-separated tokens without spaces or wildcards, e.g. users.events".into())
     }
 }
 

@@ -12,5 +12,6 @@ pub mod grpc;
 pub mod linger;
 pub mod metrics;
 pub mod proto;
+pub mod relay;
 pub mod storage;
 pub mod telemetry;

@@ -24,6 +24,7 @@ const POOL_MAX: &str = "user_service_db_pool_max_connections";
 const READERS_IN_USE: &str = "user_service_sqlite_readers_in_use";
 const CREATE_BATCH: &str = "user_service_create_batch_size";
 const PURGED: &str = "user_service_purged_users_total";
+const PUBLISHED: &str = "user_service_events_published_total";
 const IMPORTED: &str = "user_service_imported_users_total";
 const EXPORTED: &str = "user_service_exported_users_total";
 
@@ -94,6 +95,10 @@ fn describe() {
         "ImportUsers users settled, by outcome (created, failed)"
     );
     describe_counter!(EXPORTED, "users sent by StreamUsers");
+    describe_counter!(
+        PUBLISHED,
+        "change events the relay published to NATS and JetStream acknowledged"
+    );
 }
 
 /// The gRPC methods this server serves, "/package.Service/Method": label
@@ -187,6 +192,10 @@ pub fn readers_in_use(pool: &'static str, n: usize) {
 
 pub fn create_batch(users: usize) {
     histogram!(CREATE_BATCH).record(users as f64);
+}
+
+pub fn events_published(n: i64) {
+    counter!(PUBLISHED).increment(n.max(0) as u64);
 }
 
 pub fn purged(users: u64) {

@@ -13,6 +13,7 @@ use tower::{Layer, Service};
 
 use super::{AuthError, Verifier};
 use crate::domain::Caller;
+use crate::domain::events::Origin;
 
 /// Paths served without a token: the mesh's health probes and reflection.
 const OPEN_PREFIXES: [&str; 2] = ["/grpc.health.v1.Health/", "/grpc.reflection."];
@@ -71,10 +72,12 @@ where
         let path = req.uri().path();
         let open = OPEN_PREFIXES.iter().any(|p| path.starts_with(p));
         let Some(verifier) = self.verifier.clone().filter(|_| !open) else {
-            if !open {
-                req.extensions_mut().insert(UNAUTHENTICATED.clone());
+            if open {
+                return Box::pin(self.inner.call(req));
             }
-            return Box::pin(self.inner.call(req));
+            req.extensions_mut().insert(UNAUTHENTICATED.clone());
+            let origin = Origin::new(UNAUTHENTICATED.subject.clone());
+            return Box::pin(Origin::scope(origin, self.inner.call(req)));
         };
         // The service that was polled ready serves this call; the clone
         // stays for the next one.
@@ -89,8 +92,11 @@ where
             match caller {
                 Ok(caller) => {
                     tracing::Span::current().record("caller", caller.subject.as_str());
+                    // The changes the call makes are recorded as the
+                    // caller's (change events' `actor`).
+                    let origin = Origin::new(caller.subject.clone());
                     req.extensions_mut().insert(caller);
-                    inner.call(req).await
+                    Origin::scope(origin, inner.call(req)).await
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "call refused");

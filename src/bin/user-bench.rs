@@ -53,6 +53,9 @@ enum Scenario {
     /// client, with the server's peak RSS; then the same rows read raw with
     /// keyset queries (the ceiling).
     Stream,
+    /// WatchEvents from revision 0 of the bench project to its head (every
+    /// event the seeding and the scenarios before appended), to this client.
+    Watch,
     /// Groups at scale: imports `--group-members` users, adds them all to one
     /// group (AddGroupMembers, 1000 a call), then times ListGroupMembers'
     /// first and last pages, and AddGroupMembers of 1000 users into that
@@ -438,6 +441,42 @@ async fn run_stream(channel: Channel) -> Result<Moved, BoxError> {
     })
 }
 
+/// Replays the bench project's change log through WatchEvents up to the
+/// head it had when the watch started.
+async fn run_watch(channel: Channel) -> Result<Moved, BoxError> {
+    use user_service::proto::users::v1::event_service_client::EventServiceClient;
+    let mut client = EventServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let head = client
+        .list_events(pb::ListEventsRequest {
+            parent: PROJECT.into(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .head_revision;
+    let t0 = Instant::now();
+    let mut s = client
+        .watch_events(pb::WatchEventsRequest {
+            parent: PROJECT.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut events = 0;
+    while let Some(m) = s.message().await? {
+        events += m.events.len() as u64;
+        if m.head_revision >= head {
+            break;
+        }
+    }
+    Ok(Moved {
+        users: events,
+        failed: 0,
+        elapsed: t0.elapsed(),
+    })
+}
+
 /// Runs `op` from `connections x in_flight` workers: `warmup` unmeasured, then
 /// `duration` measured.
 async fn load<F, Fut>(channels: &[Channel], args: &Args, op: F) -> Stats
@@ -554,7 +593,9 @@ async fn run_scenario(
 ) -> Stats {
     match s {
         // One-shot scenarios, run by `run` itself.
-        Scenario::Import | Scenario::Stream | Scenario::Groups => Stats::default(),
+        Scenario::Import | Scenario::Stream | Scenario::Groups | Scenario::Watch => {
+            Stats::default()
+        }
         Scenario::Get | Scenario::Ceiling => {
             let seeded = seeded.clone();
             load(channels, args, move |mut c, _| {
@@ -766,6 +807,16 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         if s == Scenario::Groups {
             let channel = connect(&target).await?;
             run_groups(channel, &args, &run_id).await?;
+            continue;
+        }
+        if s == Scenario::Watch {
+            let moved = run_watch(connect(&target).await?).await?;
+            println!(
+                "watch    {:>9} events in {:.2} s: {:>9.0} events/s",
+                moved.users,
+                moved.elapsed.as_secs_f64(),
+                moved.per_sec(),
+            );
             continue;
         }
         if matches!(s, Scenario::Import | Scenario::Stream) {

@@ -55,6 +55,14 @@ impl Violations {
         self.list.is_empty()
     }
 
+    /// The description of the first violation of `field`, if any.
+    pub fn description_of(&self, field: &str) -> Option<String> {
+        self.list
+            .iter()
+            .find(|v| v.field == field)
+            .map(|v| v.description.clone())
+    }
+
     pub fn into_result(self) -> Result<(), DomainError> {
         if self.list.is_empty() {
             Ok(())
@@ -170,6 +178,13 @@ pub enum DomainError {
         name: String,
         depth: u32,
     },
+    /// The events after `after` are no longer kept: retention compacted
+    /// them. `oldest` is the oldest revision still available.
+    #[error("events after revision {after} are compacted; the oldest kept is {oldest}")]
+    EventsCompacted { after: i64, oldest: i64, head: i64 },
+    /// `after` is beyond the project's last revision `head`.
+    #[error("revision {after} is beyond the head revision {head}")]
+    RevisionAhead { after: i64, head: i64 },
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]

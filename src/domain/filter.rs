@@ -16,6 +16,7 @@
 
 use chrono::{DateTime, NaiveDate};
 
+use super::events::EventKind;
 use super::group::{GroupId, GroupName};
 use super::user::State;
 use super::values::{PhoneNumber, ProjectId};
@@ -107,6 +108,8 @@ pub enum Subject {
     User,
     /// ListGroups: `display_name`, `create_time`, `metadata`.
     Group,
+    /// ListEvents and WatchEvents: `type`, `resource`.
+    Event,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,6 +159,10 @@ pub enum TextField {
     PictureUri,
     Bio,
     Note,
+    /// An event's type name (events only).
+    EventType,
+    /// An event's resource name (events only).
+    Resource,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,6 +202,13 @@ enum FieldKind {
 
 fn field_kind(path: &str, subject: Subject) -> Option<FieldKind> {
     use FieldKind as K;
+    if subject == Subject::Event {
+        return match path {
+            "type" => Some(K::Text(TextField::EventType)),
+            "resource" => Some(K::Text(TextField::Resource)),
+            _ => None,
+        };
+    }
     if subject == Subject::Group {
         return match path {
             "display_name" => Some(K::Text(TextField::DisplayName)),
@@ -584,6 +598,10 @@ impl Parser<'_> {
         }
         match field_kind(&text, self.subject) {
             Some(k) => Ok((pos, k)),
+            None if self.subject == Subject::Event => err(
+                pos,
+                format!("events are filtered by type and resource, not `{text}`"),
+            ),
             None if self.subject == Subject::Group => err(
                 pos,
                 format!(
@@ -765,6 +783,16 @@ fn typed(
             let value = match field {
                 TextField::Email | TextField::Username => {
                     pattern_for(op, &|s: &str| s.to_lowercase())?
+                }
+                TextField::EventType => {
+                    equality_op("type")?;
+                    if value.has_wildcard() || EventKind::parse(&value.text).is_none() {
+                        return err(
+                            value_pos,
+                            format!("`{}` is not an event type such as USER_CREATED", value.text),
+                        );
+                    }
+                    Pattern::Exact(value.text.clone())
                 }
                 TextField::PhoneNumber if !value.has_wildcard() => {
                     // A formatted number compares in its stored E.164 form.

@@ -171,6 +171,21 @@ pub const GROUP_OUTPUT_ONLY_PATHS: &[&str] = &["name", "create_time", "update_ti
 pub type GroupPath = super::user::MaskPath<GroupField>;
 
 impl GroupFields {
+    /// The paths of the fields whose values differ from `other`'s.
+    pub fn changed_paths(&self, other: &GroupFields) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.display_name != other.display_name {
+            out.push("display_name");
+        }
+        if self.description != other.description {
+            out.push("description");
+        }
+        if self.metadata != other.metadata {
+            out.push("metadata");
+        }
+        out
+    }
+
     /// Copies the fields named by `paths` from `from`.
     pub fn apply(&mut self, from: &GroupFields, paths: &[GroupPath]) {
         for path in paths {

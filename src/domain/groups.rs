@@ -46,20 +46,18 @@ pub trait GroupRepository: Send + Sync + 'static {
         name: &GroupName,
     ) -> impl Future<Output = Result<Option<Group>, DomainError>> + Send;
 
-    /// Writes `group` if the stored revision is still `previous_revision`.
+    /// Writes `group` over `previous` if the stored revision is still
+    /// `previous.revision`.
     fn save_group(
         &self,
         group: &Group,
-        previous_revision: i64,
+        previous: &Group,
     ) -> impl Future<Output = Result<bool, DomainError>> + Send;
 
-    /// Deletes a group (and its memberships) if the stored revision is still
-    /// `expected_revision`.
-    fn delete_group(
-        &self,
-        name: &GroupName,
-        expected_revision: i64,
-    ) -> impl Future<Output = Result<bool, DomainError>> + Send;
+    /// Deletes `group` (and its memberships) if the stored revision is
+    /// still `group.revision`.
+    fn delete_group(&self, group: &Group)
+    -> impl Future<Output = Result<bool, DomainError>> + Send;
 
     /// Up to `limit` groups of `query`, in its order, after `after`.
     fn list_groups(
@@ -209,7 +207,7 @@ impl<R: GroupRepository> Groups<R> {
                 return Ok(current);
             }
             next.touch(Timestamp::now());
-            if self.repo.save_group(&next, current.revision).await? {
+            if self.repo.save_group(&next, &current).await? {
                 return Ok(next);
             }
             if etag.is_some() {
@@ -236,7 +234,7 @@ impl<R: GroupRepository> Groups<R> {
             if etag.is_some_and(|e| e != current.etag()) {
                 return Err(DomainError::EtagMismatch);
             }
-            if self.repo.delete_group(name, current.revision).await? {
+            if self.repo.delete_group(&current).await? {
                 return Ok(Some(current));
             }
             if etag.is_some() {

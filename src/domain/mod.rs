@@ -4,6 +4,7 @@
 pub mod bulk;
 pub mod caller;
 pub mod error;
+pub mod events;
 pub mod filter;
 pub mod group;
 pub mod groups;

@@ -156,13 +156,8 @@ pub trait UserRepository: Send + Sync + 'static {
         ids: &[UserId],
     ) -> impl Future<Output = Result<Vec<User>, DomainError>> + Send;
 
-    /// Erases a user if the stored revision is still `expected_revision`.
-    fn erase(
-        &self,
-        project: &ProjectId,
-        id: &UserId,
-        expected_revision: i64,
-    ) -> impl Future<Output = Result<bool, DomainError>> + Send;
+    /// Erases `user` if its stored revision is still `user.revision`.
+    fn erase(&self, user: &User) -> impl Future<Output = Result<bool, DomainError>> + Send;
 
     /// Erases up to `limit` soft-deleted users whose purge time has passed.
     fn purge_expired(

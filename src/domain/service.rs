@@ -525,11 +525,7 @@ impl<R: UserRepository> Users<R> {
                     false
                 }
                 Change::Erase => {
-                    if self
-                        .repo
-                        .erase(&name.project, &name.user, current.revision)
-                        .await?
-                    {
+                    if self.repo.erase(&current).await? {
                         return Ok(current);
                     }
                     false

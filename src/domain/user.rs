@@ -259,6 +259,46 @@ impl Profile {
         }
     }
 
+    /// The fields whose values differ between `self` and `other`.
+    pub fn changed_fields(&self, other: &Profile) -> Vec<Field> {
+        Field::ALL
+            .iter()
+            .copied()
+            .filter(|f| !self.same_field(other, *f))
+            .collect()
+    }
+
+    fn same_field(&self, o: &Profile, field: Field) -> bool {
+        match field {
+            Field::Email => self.email == o.email,
+            Field::EmailVerified => self.email_verified == o.email_verified,
+            Field::PhoneNumber => self.phone_number == o.phone_number,
+            Field::PhoneNumberVerified => self.phone_number_verified == o.phone_number_verified,
+            Field::SecondaryEmails => self.secondary_emails == o.secondary_emails,
+            Field::SecondaryPhoneNumbers => {
+                self.secondary_phone_numbers == o.secondary_phone_numbers
+            }
+            Field::Username => self.username == o.username,
+            Field::ExternalId => self.external_id == o.external_id,
+            Field::DisplayName => self.display_name == o.display_name,
+            Field::GivenName => self.given_name == o.given_name,
+            Field::MiddleName => self.middle_name == o.middle_name,
+            Field::FamilyName => self.family_name == o.family_name,
+            Field::Title => self.title == o.title,
+            Field::Birthday => self.birthday == o.birthday,
+            Field::PreferredLocale => self.preferred_locale == o.preferred_locale,
+            Field::PictureUri => self.picture_uri == o.picture_uri,
+            Field::Addresses => self.addresses == o.addresses,
+            Field::Bio => self.bio == o.bio,
+            Field::Note => self.note == o.note,
+            Field::Tags => self.tags == o.tags,
+            Field::Roles => self.roles == o.roles,
+            Field::Metadata => self.metadata == o.metadata,
+            Field::CustomData => self.custom_data == o.custom_data,
+            Field::LastLoginTime => self.last_login_time == o.last_login_time,
+        }
+    }
+
     fn copy_field(&mut self, from: &Profile, field: Field) {
         match field {
             Field::Email => self.email = from.email.clone(),

@@ -56,6 +56,7 @@ impl Audit {
     }
 
     pub fn request_id(&self, id: &str) {
+        crate::domain::events::Origin::current().set_request_id(id);
         let mut t = self.target.lock().unwrap_or_else(|p| p.into_inner());
         id.clone_into(&mut t.request_id);
     }

@@ -11,6 +11,7 @@ use super::audit::{self, Audit};
 use super::convert::{batch_fingerprint, parse_profile, user_to_proto};
 use super::trace::record_project;
 use super::{MAX_RESPONSE_BYTES, PAGE_BYTES, check_key, fit_page, write_parent};
+use crate::domain::events::EventRepository;
 use crate::domain::query::{encode_page_token, next_page_token};
 use crate::domain::{
     Caller, DomainError, IdempotencyKey, ImportLog, NewUser, ProjectId, Scope, State, UserId,
@@ -182,7 +183,7 @@ pub(super) type ExportStream = ReceiverStream<Result<pb::StreamUsersResponse, St
 /// most two batches, so a slow client stalls the task (and the database
 /// reads) instead of growing a buffer, and a cancelled call closes the
 /// channel, which ends the task.
-pub(super) fn export<R: UserRepository>(
+pub(super) fn export<R: UserRepository + EventRepository>(
     users: Arc<Users<R>>,
     query: UserQuery,
     size: u32,
@@ -202,6 +203,16 @@ pub(super) fn export<R: UserRepository>(
                 resume.to_owned(),
             )]))
         };
+        // Read before the first batch: every change the export may miss
+        // comes after it in the change log.
+        let mut sent_head = false;
+        let mut head_revision = match users.repository().bounds(&query.project).await {
+            Ok(b) => b.head,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
         loop {
             let read = tokio::select! {
                 r = users.export_batch(&query, size, after.as_ref()) => r,
@@ -218,7 +229,18 @@ pub(super) fn export<R: UserRepository>(
                     return;
                 }
             };
-            let Some(cursor) = cursor else { return };
+            let Some(cursor) = cursor else {
+                // Nothing (more) to export; the head still reaches the client.
+                if !sent_head {
+                    let message = pb::StreamUsersResponse {
+                        users: Vec::new(),
+                        resume_token: resume.clone(),
+                        head_revision,
+                    };
+                    let _ = tx.send(Ok(message)).await;
+                }
+                return;
+            };
             // A batch larger than one message allows goes out in several,
             // each resumable after its own last user.
             let mut rest = &batch[..];
@@ -234,7 +256,9 @@ pub(super) fn export<R: UserRepository>(
                 let message = pb::StreamUsersResponse {
                     users,
                     resume_token: resume_token.clone(),
+                    head_revision: std::mem::take(&mut head_revision),
                 };
+                sent_head = true;
                 tokio::select! {
                     sent = tx.send(Ok(message)) => {
                         if sent.is_err() {
@@ -260,7 +284,7 @@ pub(super) fn export<R: UserRepository>(
 }
 
 /// Resolves once the server starts stopping (never, if it never does).
-async fn until_draining(rx: &mut tokio::sync::watch::Receiver<bool>) {
+pub(super) async fn until_draining(rx: &mut tokio::sync::watch::Receiver<bool>) {
     if rx.wait_for(|d| *d).await.is_err() {
         std::future::pending::<()>().await;
     }
@@ -269,12 +293,14 @@ async fn until_draining(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// Spawns a task that answers a stream through `tx`. Should it panic, the
 /// client gets INTERNAL rather than a stream that simply ends, which would
 /// read as a complete export or import.
-fn spawn_answering<T: Send + 'static>(
+pub(super) fn spawn_answering<T: Send + 'static>(
     tx: &mpsc::Sender<Result<T, Status>>,
     task: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let guard = tx.clone();
-    let handle = tokio::spawn(task);
+    // The caller's origin goes along: an import's events name it.
+    let origin = crate::domain::events::Origin::current();
+    let handle = tokio::spawn(crate::domain::events::Origin::scope(origin, task));
     tokio::spawn(async move {
         if let Err(e) = handle.await
             && e.is_panic()

@@ -38,7 +38,7 @@ impl<R> GroupServiceImpl<R> {
 
 type Reply = Result<Response<pb::Group>, Status>;
 
-pub fn group_to_proto(g: &Group) -> pb::Group {
+pub(crate) fn group_to_proto(g: &Group) -> pb::Group {
     pb::Group {
         name: g.name().to_string(),
         display_name: g.fields.display_name.clone(),
@@ -50,7 +50,7 @@ pub fn group_to_proto(g: &Group) -> pb::Group {
     }
 }
 
-fn member_to_proto(project: &ProjectId, m: &Member) -> pb::GroupMember {
+pub(crate) fn member_to_proto(project: &ProjectId, m: &Member) -> pb::GroupMember {
     pb::GroupMember {
         name: m.name(project),
         kind: match m.kind {

@@ -5,6 +5,7 @@ pub mod audit;
 mod bulk;
 pub mod codec;
 pub mod convert;
+pub mod events;
 pub mod groups;
 pub mod overload;
 pub mod status;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::auth::layer::caller_of;
+use crate::domain::events::EventRepository;
 use crate::domain::filter::{self as domain_filter, Filter};
 use crate::domain::query;
 use crate::domain::{
@@ -138,7 +140,7 @@ fn etag(e: &str) -> Option<&str> {
 }
 
 #[tonic::async_trait]
-impl<R: UserRepository> UserService for UserServiceImpl<R> {
+impl<R: UserRepository + EventRepository> UserService for UserServiceImpl<R> {
     async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Reply {
         let audit = write_call(&request, "CreateUser")?;
         let req = request.into_inner();

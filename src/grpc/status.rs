@@ -312,6 +312,43 @@ impl From<DomainError> for Status {
                     d,
                 )
             }
+            DomainError::EventsCompacted {
+                after,
+                oldest,
+                head,
+            } => {
+                let mut d = info(
+                    "EVENTS_COMPACTED",
+                    &[
+                        ("oldest_revision", oldest.to_string()),
+                        ("head_revision", head.to_string()),
+                    ],
+                );
+                d.add_bad_request_violation(
+                    "after_revision",
+                    format!("the events after {after} are compacted; the oldest kept is {oldest}"),
+                );
+                status(
+                    Code::OutOfRange,
+                    format!(
+                        "the events after revision {after} are no longer kept (retention); the \
+                         oldest available revision is {oldest}: export again, then watch"
+                    ),
+                    d,
+                )
+            }
+            DomainError::RevisionAhead { after, head } => {
+                let mut d = info("REVISION_AHEAD", &[("head_revision", head.to_string())]);
+                d.add_bad_request_violation(
+                    "after_revision",
+                    format!("is beyond the project's head revision {head}"),
+                );
+                status(
+                    Code::OutOfRange,
+                    format!("revision {after} is beyond the project's head revision {head}"),
+                    d,
+                )
+            }
             DomainError::Unavailable(_) => {
                 let mut d = info("DATABASE_UNAVAILABLE", &[]);
                 d.set_retry_info(Some(std::time::Duration::from_secs(1)));

@@ -13,7 +13,9 @@ use sea_orm::{
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::entity::users;
+use super::events::Outbox;
 use super::{claim_key, db_error, encode_response, explain, find_request, terms, to_model};
+use crate::domain::events::{Event, Origin};
 use crate::domain::{Created, DomainError, IdempotencyKey, User};
 
 /// Most users one transaction stores.
@@ -22,6 +24,8 @@ const MAX_BATCH: usize = 256;
 struct Job {
     user: User,
     key: Option<IdempotencyKey>,
+    /// The caller's, for the creation event (the writer task has none).
+    origin: Arc<Origin>,
     reply: oneshot::Sender<Result<Created, DomainError>>,
 }
 
@@ -40,11 +44,11 @@ pub(crate) struct Batcher {
 impl Batcher {
     /// Starts `writers` writer tasks (1 for SQLite, whose writes are serial
     /// anyway; a few for PostgreSQL).
-    pub(crate) fn start(db: DatabaseConnection, writers: usize) -> Self {
+    pub(crate) fn start(db: DatabaseConnection, writers: usize, outbox: Arc<Outbox>) -> Self {
         let (tx, rx) = mpsc::channel::<Job>(MAX_BATCH * 8);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..writers.max(1) {
-            tokio::spawn(writer(db.clone(), rx.clone()));
+            tokio::spawn(writer(db.clone(), outbox.clone(), rx.clone()));
         }
         Batcher { tx }
     }
@@ -56,7 +60,12 @@ impl Batcher {
     ) -> Result<Created, DomainError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job { user, key, reply })
+            .send(Job {
+                user,
+                key,
+                origin: Origin::current(),
+                reply,
+            })
             .await
             .map_err(|_| DomainError::Unavailable("the writer stopped".into()))?;
         rx.await
@@ -64,18 +73,18 @@ impl Batcher {
     }
 }
 
-async fn writer(db: DatabaseConnection, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn writer(db: DatabaseConnection, outbox: Arc<Outbox>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let Some(jobs) = super::next_batch(&rx, MAX_BATCH).await else {
             return;
         };
-        commit_batch(&db, jobs).await;
+        commit_batch(&db, &outbox, jobs).await;
     }
 }
 
-async fn commit_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
+async fn commit_batch(db: &DatabaseConnection, outbox: &Outbox, jobs: Vec<Job>) {
     crate::metrics::create_batch(jobs.len());
-    match store_batch(db, &jobs).await {
+    match store_batch(db, outbox, &jobs).await {
         Ok(outcomes) => {
             for (job, outcome) in jobs.into_iter().zip(outcomes) {
                 let result = match outcome {
@@ -89,7 +98,7 @@ async fn commit_batch(db: &DatabaseConnection, jobs: Vec<Job>) {
         // database, a lost connection): each user gets a transaction of its own.
         Err(_) => {
             for job in jobs {
-                let result = match store_alone(db, &job.user, job.key.as_ref()).await {
+                let result = match store_alone(db, outbox, &job).await {
                     Ok(Ok(outcome)) => resolve(db, &job, outcome).await,
                     Ok(Err(e)) => Err(e),
                     Err(e) => Err(db_error(e)),
@@ -124,7 +133,11 @@ type ItemResult = Result<Outcome, DomainError>;
 
 /// Stores a batch in one transaction. The outer error fails the whole batch;
 /// the inner results are per user.
-async fn store_batch(db: &DatabaseConnection, jobs: &[Job]) -> Result<Vec<ItemResult>, DbErr> {
+async fn store_batch(
+    db: &DatabaseConnection,
+    outbox: &Outbox,
+    jobs: &[Job],
+) -> Result<Vec<ItemResult>, DbErr> {
     let txn = db.begin().await?;
     let mut results: Vec<Option<ItemResult>> = jobs.iter().map(|_| None).collect();
 
@@ -169,7 +182,17 @@ async fn store_batch(db: &DatabaseConnection, jobs: &[Job]) -> Result<Vec<ItemRe
             results[i] = Some(store_one(&txn, &job.user, job.key.as_ref()).await?);
         }
     }
+    let events: Vec<Event> = jobs
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| matches!(r, Some(Ok(Outcome::Inserted))))
+        .map(|(job, _)| Event::user_created(&job.user, job.origin.clone()))
+        .collect();
+    outbox.append(&txn, &events).await?;
     txn.commit().await?;
+    if !events.is_empty() {
+        outbox.committed();
+    }
     Ok(results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(DomainError::Internal("unprocessed".into()))))
@@ -197,12 +220,21 @@ pub(crate) async fn insert_chunked<C: sea_orm::ConnectionTrait>(
 /// Stores one user in a transaction of its own.
 async fn store_alone(
     db: &DatabaseConnection,
-    user: &User,
-    key: Option<&IdempotencyKey>,
+    outbox: &Outbox,
+    job: &Job,
 ) -> Result<ItemResult, DbErr> {
     let txn = db.begin().await?;
-    let r = store_one(&txn, user, key).await?;
+    let r = store_one(&txn, &job.user, job.key.as_ref()).await?;
+    let inserted = matches!(r, Ok(Outcome::Inserted));
+    if inserted {
+        outbox
+            .append(&txn, &[Event::user_created(&job.user, job.origin.clone())])
+            .await?;
+    }
     txn.commit().await?;
+    if inserted {
+        outbox.committed();
+    }
     Ok(r)
 }
 

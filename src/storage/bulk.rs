@@ -12,8 +12,10 @@ use sea_orm::{
 
 use super::batch::insert_chunked;
 use super::entity::users;
+use super::events::Outbox;
 use super::{claim_key, db_error, encode_response, find_request_users, terms, to_model};
 use crate::domain::bulk::identifiers;
+use crate::domain::events::{Event, Origin};
 use crate::domain::{
     BatchCreated, DomainError, IdempotencyKey, Identifier, StoredConflict, Timestamp, User,
 };
@@ -33,8 +35,23 @@ async fn write<C: ConnectionTrait>(conn: &C, users: &[&User]) -> Result<(), DbEr
     terms::insert(conn, users.iter().copied()).await
 }
 
+/// Appends the creation events of `users` inside `conn`'s transaction.
+async fn created<C: ConnectionTrait>(
+    conn: &C,
+    outbox: &Outbox,
+    users: &[&User],
+) -> Result<(), DbErr> {
+    let origin = Origin::current();
+    let events: Vec<Event> = users
+        .iter()
+        .map(|u| Event::user_created(u, origin.clone()))
+        .collect();
+    outbox.append(conn, &events).await
+}
+
 pub(crate) async fn insert_all(
     db: &DatabaseConnection,
+    outbox: &Outbox,
     batch: &[User],
     key: Option<&IdempotencyKey>,
 ) -> Result<BatchCreated, DomainError> {
@@ -60,9 +77,14 @@ pub(crate) async fn insert_all(
         }
     }
     let refs: Vec<&User> = batch.iter().collect();
-    match write(&txn, &refs).await {
+    let written = match write(&txn, &refs).await {
+        Ok(()) => created(&txn, outbox, &refs).await,
+        Err(e) => Err(e),
+    };
+    match written {
         Ok(()) => {
             txn.commit().await.map_err(db_error)?;
+            outbox.committed();
             Ok(BatchCreated::New(batch.to_vec()))
         }
         Err(e) if is_unique_violation(&e) => {
@@ -91,6 +113,7 @@ const IMPORT_ATTEMPTS: usize = 3;
 
 pub(crate) async fn import(
     db: &DatabaseConnection,
+    outbox: &Outbox,
     chunk: &[User],
 ) -> Result<Vec<Option<StoredConflict>>, DomainError> {
     let mut out: Vec<Option<StoredConflict>> = vec![None; chunk.len()];
@@ -101,9 +124,14 @@ pub(crate) async fn import(
         let pending: Vec<usize> = (0..chunk.len()).filter(|i| out[*i].is_none()).collect();
         let users: Vec<&User> = pending.iter().map(|i| &chunk[*i]).collect();
         let txn = db.begin().await.map_err(db_error)?;
-        match write(&txn, &users).await {
+        let written = match write(&txn, &users).await {
+            Ok(()) => created(&txn, outbox, &users).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(()) => {
                 txn.commit().await.map_err(db_error)?;
+                outbox.committed();
                 return Ok(out);
             }
             Err(e) if is_unique_violation(&e) => {
@@ -124,13 +152,17 @@ pub(crate) async fn import(
     }
     // Someone keeps taking identifiers of this chunk: one savepoint per user.
     let txn = db.begin().await.map_err(db_error)?;
+    let mut stored: Vec<&User> = Vec::new();
     for i in 0..chunk.len() {
         if out[i].is_some() {
             continue;
         }
         let sp = txn.begin().await.map_err(db_error)?;
         match write(&sp, &[&chunk[i]]).await {
-            Ok(()) => sp.commit().await.map_err(db_error)?,
+            Ok(()) => {
+                sp.commit().await.map_err(db_error)?;
+                stored.push(&chunk[i]);
+            }
             Err(e) if is_unique_violation(&e) => {
                 sp.rollback().await.map_err(db_error)?;
                 let found = find_conflicts(&txn, &[&chunk[i]]).await?;
@@ -145,7 +177,9 @@ pub(crate) async fn import(
             Err(e) => return Err(db_error(e)),
         }
     }
+    created(&txn, outbox, &stored).await.map_err(db_error)?;
     txn.commit().await.map_err(db_error)?;
+    outbox.committed();
     Ok(out)
 }
 

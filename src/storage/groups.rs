@@ -20,6 +20,7 @@ use tracing::instrument;
 
 use super::entity::groups;
 use super::{SeaOrmRepository, db_error, json, unjson};
+use crate::domain::events::Event;
 use crate::domain::filter::{Filter, Op, Pattern, TextField, TimeField};
 use crate::domain::group::{GroupOrderField, MAX_NESTING};
 use crate::domain::query::SortValue;
@@ -101,6 +102,15 @@ fn from_model(m: groups::Model) -> Result<Group, DomainError> {
     })
 }
 
+/// The members of `members` that are in `done`, once each, in request order.
+fn in_request_order(members: &[Member], mut done: HashSet<(MemberKind, String)>) -> Vec<Member> {
+    members
+        .iter()
+        .filter(|m| done.remove(&(m.kind, m.id.clone())))
+        .cloned()
+        .collect()
+}
+
 /// The advisory lock of a project's group nesting (PostgreSQL).
 fn nesting_lock_key(project: &ProjectId) -> i64 {
     let d = Sha256::new()
@@ -117,6 +127,22 @@ fn is_foreign_key_violation(e: &DbErr) -> bool {
 }
 
 impl SeaOrmRepository {
+    /// Runs a conditional write of one row and, if it changed the row,
+    /// appends `event`, in one transaction.
+    async fn changed(&self, stmt: Statement, event: Event) -> Result<bool, DomainError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let res = txn.execute_raw(stmt).await.map_err(db_error)?;
+        let done = res.rows_affected() == 1;
+        if done {
+            self.outbox.append(&txn, &[event]).await.map_err(db_error)?;
+        }
+        txn.commit().await.map_err(db_error)?;
+        if done {
+            self.outbox.committed();
+        }
+        Ok(done)
+    }
+
     fn backend(&self) -> DatabaseBackend {
         self.db.get_database_backend()
     }
@@ -330,7 +356,7 @@ impl SeaOrmRepository {
         txn: &DatabaseTransaction,
         name: &GroupName,
         members: &[Member],
-    ) -> Result<Group, MembershipError> {
+    ) -> Result<(Group, Vec<Member>), MembershipError> {
         let project = name.project.as_str();
         let nesting = members.iter().any(|m| m.kind == MemberKind::Group);
         let Some(group) = self.lock_group(txn, name, nesting).await? else {
@@ -379,6 +405,7 @@ impl SeaOrmRepository {
                 }
             }
         }
+        let mut added = HashSet::new();
         for kind in [MemberKind::User, MemberKind::Group] {
             let ids: BTreeSet<&str> = members
                 .iter()
@@ -397,21 +424,27 @@ impl SeaOrmRepository {
                     self.backend(),
                     &format!(
                         "INSERT INTO {table} (project, group_id, {column}) VALUES {rows} \
-                         ON CONFLICT DO NOTHING"
+                         ON CONFLICT DO NOTHING RETURNING {column}"
                     ),
                     values,
                 );
-                if let Err(e) = txn.execute_raw(stmt).await {
+                let rows = match txn.query_all_raw(stmt).await {
+                    Ok(rows) => rows,
                     // A member erased (or a group deleted) since the check.
-                    return Err(if is_foreign_key_violation(&e) {
-                        MembershipError::Other(DomainError::ConcurrentModification)
-                    } else {
-                        MembershipError::Other(db_error(e))
-                    });
+                    Err(e) => {
+                        return Err(MembershipError::Other(if is_foreign_key_violation(&e) {
+                            DomainError::ConcurrentModification
+                        } else {
+                            db_error(e)
+                        }));
+                    }
+                };
+                for r in rows {
+                    added.insert((kind, r.try_get_by_index::<String>(0).map_err(db_error)?));
                 }
             }
         }
-        Ok(group)
+        Ok((group, in_request_order(members, added)))
     }
 
     /// The direct member groups of `group` after `after`, or (transitive)
@@ -605,7 +638,12 @@ impl GroupRepository for SeaOrmRepository {
                 _ => db_error(e),
             });
         }
+        self.outbox
+            .append(&txn, &[Event::group_created(group)])
+            .await
+            .map_err(db_error)?;
         txn.commit().await.map_err(db_error)?;
+        self.outbox.committed();
         Ok(GroupCreated::New(group.clone()))
     }
 
@@ -643,7 +681,7 @@ impl GroupRepository for SeaOrmRepository {
     }
 
     #[instrument(skip_all, fields(project = %group.project))]
-    async fn save_group(&self, group: &Group, previous_revision: i64) -> Result<bool, DomainError> {
+    async fn save_group(&self, group: &Group, previous: &Group) -> Result<bool, DomainError> {
         let m = to_model(group)?;
         let stmt = sql(
             self.backend(),
@@ -657,31 +695,26 @@ impl GroupRepository for SeaOrmRepository {
                 Value::from(m.revision),
                 Value::from(m.project),
                 Value::from(m.group_id),
-                Value::from(previous_revision),
+                Value::from(previous.revision),
             ],
         );
-        let res = self.db.execute_raw(stmt).await.map_err(db_error)?;
-        Ok(res.rows_affected() == 1)
+        let event = Event::group_updated(previous, group);
+        self.changed(stmt, event).await
     }
 
-    #[instrument(skip_all, fields(project = %name.project))]
-    async fn delete_group(
-        &self,
-        name: &GroupName,
-        expected_revision: i64,
-    ) -> Result<bool, DomainError> {
+    #[instrument(skip_all, fields(project = %group.project))]
+    async fn delete_group(&self, group: &Group) -> Result<bool, DomainError> {
         // The memberships go with it (ON DELETE CASCADE).
         let stmt = sql(
             self.backend(),
             "DELETE FROM groups WHERE project = ? AND group_id = ? AND revision = ?",
             vec![
-                v(name.project.as_str()),
-                v(name.group.as_str()),
-                Value::from(expected_revision),
+                v(group.project.as_str()),
+                v(group.id.as_str()),
+                Value::from(group.revision),
             ],
         );
-        let res = self.db.execute_raw(stmt).await.map_err(db_error)?;
-        Ok(res.rows_affected() == 1)
+        self.changed(stmt, Event::group_deleted(group)).await
     }
 
     #[instrument(skip_all, fields(project = %query.project))]
@@ -728,8 +761,16 @@ impl GroupRepository for SeaOrmRepository {
     ) -> Result<Group, MembershipError> {
         let txn = self.db.begin().await.map_err(db_error)?;
         match self.add_in(&txn, group, members).await {
-            Ok(g) => {
+            Ok((g, added)) => {
+                let event = Event::members_changed(&g, added, true);
+                self.outbox
+                    .append(&txn, event.as_slice())
+                    .await
+                    .map_err(db_error)?;
                 txn.commit().await.map_err(db_error)?;
+                if event.is_some() {
+                    self.outbox.committed();
+                }
                 Ok(g)
             }
             Err(e) => {
@@ -750,6 +791,7 @@ impl GroupRepository for SeaOrmRepository {
             let _ = txn.rollback().await;
             return Err(MembershipError::GroupNotFound);
         };
+        let mut removed = HashSet::new();
         for kind in [MemberKind::User, MemberKind::Group] {
             let ids: Vec<&str> = members
                 .iter()
@@ -763,18 +805,30 @@ impl GroupRepository for SeaOrmRepository {
                 let stmt = sql(
                     self.backend(),
                     &format!(
-                        "DELETE FROM {table} WHERE project = ? AND group_id = ? AND {column} IN ({})",
+                        "DELETE FROM {table} WHERE project = ? AND group_id = ? AND {column} IN ({}) \
+                         RETURNING {column}",
                         marks(chunk.len())
                     ),
                     values,
                 );
-                if let Err(e) = txn.execute_raw(stmt).await {
-                    let _ = txn.rollback().await;
-                    return Err(db_error(e).into());
+                match Self::strings(&txn, stmt).await {
+                    Ok(ids) => removed.extend(ids.into_iter().map(|id| (kind, id))),
+                    Err(e) => {
+                        let _ = txn.rollback().await;
+                        return Err(e.into());
+                    }
                 }
             }
         }
+        let event = Event::members_changed(&found, in_request_order(members, removed), false);
+        self.outbox
+            .append(&txn, event.as_slice())
+            .await
+            .map_err(db_error)?;
         txn.commit().await.map_err(db_error)?;
+        if event.is_some() {
+            self.outbox.committed();
+        }
         Ok(found)
     }
 

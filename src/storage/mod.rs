@@ -5,6 +5,8 @@ mod bulk;
 pub mod ceiling;
 mod entity;
 mod errors;
+mod events;
+pub use events::RelayLease;
 mod groups;
 mod idempotency;
 pub mod nodelay;
@@ -19,11 +21,12 @@ use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
-    DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect, QueryTrait, Statement,
-    TransactionTrait,
+    DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QuerySelect,
+    QueryTrait, Statement, TransactionTrait,
 };
 use tracing::{debug, instrument};
 
+use crate::domain::events::{Event, EventEncoder};
 use crate::domain::{
     Address, BatchCreated, Birthday, Created, Cursor, DomainError, Email, ExternalId,
     IdempotencyKey, Identifier, Identity, Locale, PhoneNumber, PictureUri, Profile, ProjectId,
@@ -34,6 +37,7 @@ use std::sync::Arc;
 use batch::Batcher;
 use entity::{request_ids, users};
 pub(crate) use errors::db_error;
+use events::Outbox;
 pub(crate) use idempotency::{claim_key, encode_response, find_request, find_request_users};
 use query::Plan;
 use read_batch::ReadBatcher;
@@ -139,17 +143,21 @@ pub struct SeaOrmRepository {
     heavy: Arc<tokio::sync::Semaphore>,
     /// PostgreSQL only: batched point reads (see `read_batch`).
     batched_reads: Option<ReadBatcher>,
+    /// Every write appends its change events through this.
+    outbox: Arc<Outbox>,
 }
 
 impl SeaOrmRepository {
     /// Wraps a pool; starts the group-commit writers for CreateUser (must run
     /// inside a tokio runtime).
-    pub fn new(db: DatabaseConnection) -> Self {
+    /// `encode` gives the bytes the change log keeps of an event.
+    pub fn new(db: DatabaseConnection, encode: EventEncoder) -> Self {
         let writers = match db.get_database_backend() {
             DatabaseBackend::Postgres => 4,
             _ => 1,
         };
-        let creates = Batcher::start(db.clone(), writers);
+        let outbox = Outbox::new(encode);
+        let creates = Batcher::start(db.clone(), writers, outbox.clone());
         let batched_reads = (db.get_database_backend() == DatabaseBackend::Postgres)
             .then(|| ReadBatcher::start(db.clone(), 4));
         Self {
@@ -160,6 +168,7 @@ impl SeaOrmRepository {
             point_readers: None,
             heavy: Arc::new(tokio::sync::Semaphore::new(4)),
             batched_reads,
+            outbox,
         }
     }
 
@@ -438,6 +447,29 @@ impl SeaOrmRepository {
     }
 }
 
+impl SeaOrmRepository {
+    /// Deletes one user row (with its index terms) inside `txn`, if the
+    /// extra conditions `cond` still hold.
+    async fn erase_in(
+        &self,
+        txn: &DatabaseTransaction,
+        project: &str,
+        user_id: &str,
+        cond: impl FnOnce(sea_orm::DeleteMany<users::Entity>) -> sea_orm::DeleteMany<users::Entity>,
+    ) -> Result<bool, DomainError> {
+        let delete = users::Entity::delete_many()
+            .filter(users::Column::Project.eq(project))
+            .filter(users::Column::UserId.eq(user_id));
+        let res = cond(delete).exec(txn).await.map_err(db_error)?;
+        if res.rows_affected == 1 {
+            terms::delete(txn, project, user_id)
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(res.rows_affected == 1)
+    }
+}
+
 impl UserRepository for SeaOrmRepository {
     #[instrument(skip_all, fields(project = %user.project))]
     async fn insert(
@@ -462,7 +494,7 @@ impl UserRepository for SeaOrmRepository {
         users: &[User],
         key: Option<&IdempotencyKey>,
     ) -> Result<BatchCreated, DomainError> {
-        bulk::insert_all(&self.db, users, key).await
+        bulk::insert_all(&self.db, &self.outbox, users, key).await
     }
 
     async fn find_batch_request(
@@ -475,7 +507,7 @@ impl UserRepository for SeaOrmRepository {
 
     #[instrument(skip_all, fields(users = users.len()))]
     async fn import(&self, users: &[User]) -> Result<Vec<Option<StoredConflict>>, DomainError> {
-        bulk::import(&self.db, users).await
+        bulk::import(&self.db, &self.outbox, users).await
     }
 
     #[instrument(skip_all, fields(project = %user.project))]
@@ -558,13 +590,7 @@ impl UserRepository for SeaOrmRepository {
             .filter(users::Column::Project.eq(user.project.as_str()))
             .filter(users::Column::UserId.eq(user.id.as_str()))
             .filter(users::Column::Revision.eq(previous.revision));
-        if terms::of(user) == terms::of(previous) {
-            return match update.exec(&self.db).await {
-                Ok(res) => Ok(res.rows_affected == 1),
-                Err(e) => Err(explain(&self.db, user, false, db_error(e)).await),
-            };
-        }
-        // The row and its index terms change together.
+        // The row, its index terms and its event change together.
         let txn = self.db.begin().await.map_err(db_error)?;
         let saved = match update.exec(&txn).await {
             Ok(res) => res.rows_affected == 1,
@@ -575,36 +601,42 @@ impl UserRepository for SeaOrmRepository {
             }
         };
         if saved {
-            terms::replace(&txn, user, previous)
+            if terms::of(user) != terms::of(previous) {
+                terms::replace(&txn, user, previous)
+                    .await
+                    .map_err(db_error)?;
+            }
+            self.outbox
+                .append(&txn, &[Event::of_user_save(previous, user)])
                 .await
                 .map_err(db_error)?;
         }
         txn.commit().await.map_err(db_error)?;
+        if saved {
+            self.outbox.committed();
+        }
         Ok(saved)
     }
 
-    #[instrument(skip_all, fields(project = %project))]
-    async fn erase(
-        &self,
-        project: &ProjectId,
-        id: &UserId,
-        expected_revision: i64,
-    ) -> Result<bool, DomainError> {
+    #[instrument(skip_all, fields(project = %user.project))]
+    async fn erase(&self, user: &User) -> Result<bool, DomainError> {
         let txn = self.db.begin().await.map_err(db_error)?;
-        let res = users::Entity::delete_many()
-            .filter(users::Column::Project.eq(project.as_str()))
-            .filter(users::Column::UserId.eq(id.as_str()))
-            .filter(users::Column::Revision.eq(expected_revision))
-            .exec(&txn)
-            .await
-            .map_err(db_error)?;
-        if res.rows_affected == 1 {
-            terms::delete(&txn, project.as_str(), id.as_str())
+        let erased = self
+            .erase_in(&txn, user.project.as_str(), user.id.as_str(), |d| {
+                d.filter(users::Column::Revision.eq(user.revision))
+            })
+            .await?;
+        if erased {
+            self.outbox
+                .append(&txn, &[Event::user_purged(user.clone())])
                 .await
                 .map_err(db_error)?;
         }
         txn.commit().await.map_err(db_error)?;
-        Ok(res.rows_affected == 1)
+        if erased {
+            self.outbox.committed();
+        }
+        Ok(erased)
     }
 
     #[instrument(skip_all, fields(project = %query.project))]
@@ -692,20 +724,32 @@ impl UserRepository for SeaOrmRepository {
         for (project, user_id) in due {
             // Re-checked in the statement: an undelete in between wins.
             let txn = self.db.begin().await.map_err(db_error)?;
-            let res = users::Entity::delete_many()
-                .filter(users::Column::Project.eq(project.as_str()))
-                .filter(users::Column::UserId.eq(user_id.as_str()))
-                .filter(users::Column::PurgeTime.lte(now.nanos()))
-                .exec(&txn)
+            let Some(model) = users::Entity::find_by_id((project.clone(), user_id.clone()))
+                .one(&txn)
                 .await
-                .map_err(db_error)?;
-            if res.rows_affected == 1 {
-                terms::delete(&txn, &project, &user_id)
+                .map_err(db_error)?
+            else {
+                txn.rollback().await.map_err(db_error)?;
+                continue;
+            };
+            let user = from_model(model)?;
+            let erased = self
+                .erase_in(&txn, &project, &user_id, |d| {
+                    d.filter(users::Column::Revision.eq(user.revision))
+                        .filter(users::Column::PurgeTime.lte(now.nanos()))
+                })
+                .await?;
+            if erased {
+                self.outbox
+                    .append(&txn, &[Event::user_purged(user)])
                     .await
                     .map_err(db_error)?;
             }
             txn.commit().await.map_err(db_error)?;
-            purged += res.rows_affected;
+            if erased {
+                self.outbox.committed();
+                purged += 1;
+            }
         }
         let horizon = now
             .nanos()

@@ -887,6 +887,10 @@ fn sql_op(op: Op) -> &'static str {
 fn text_column(f: TextField) -> (&'static str, bool) {
     match f {
         TextField::UserId => ("user_id", false),
+        // Columns of `events`: the parser gives these to event filters only,
+        // which are evaluated on read rows, not compiled here.
+        TextField::EventType => ("event_type", false),
+        TextField::Resource => ("resource", false),
         TextField::Email => ("email_key", true),
         TextField::PhoneNumber => ("phone_number", true),
         TextField::Username => ("username", true),

@@ -12,6 +12,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 use user_service::config::Settings;
 use user_service::proto::users::v1 as pb;
+use user_service::proto::users::v1::event_service_client::EventServiceClient;
 use user_service::proto::users::v1::group_service_client::GroupServiceClient;
 use user_service::proto::users::v1::user_service_client::UserServiceClient;
 
@@ -42,6 +43,9 @@ pub type Client = UserServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// The GroupService stub, as `Client`.
 pub type Groups = GroupServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// The EventService stub, as `Client`.
+pub type Events = EventServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A shared HS256 secret in a file of its own, and tokens signed with it.
 pub struct AuthKeys {
@@ -324,6 +328,19 @@ impl TestServer {
     /// A GroupService client that sends `token` (or nothing).
     pub fn groups_with(&self, token: Option<&str>) -> Groups {
         GroupServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
+    }
+
+    /// An EventService client with the server's default token.
+    pub fn events(&self) -> Events {
+        EventServiceClient::with_interceptor(
+            self.channel.clone(),
+            Bearer::new(self.token.as_deref()),
+        )
+    }
+
+    /// An EventService client that sends `token` (or nothing).
+    pub fn events_with(&self, token: Option<&str>) -> Events {
+        EventServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
     }
 
     /// A client that sends `token` (or nothing).

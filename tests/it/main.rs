@@ -10,6 +10,7 @@ mod collation;
 mod consistency;
 mod crash;
 mod create;
+mod events;
 mod filter_property;
 mod fuzz;
 mod groups;

@@ -209,7 +209,7 @@ async fn hot_queries_use_indexes_at_scale(e: Engine) {
                 .expect("vacuum");
         }
     }
-    let repo = SeaOrmRepository::new(db);
+    let repo = SeaOrmRepository::new(db, user_service::grpc::events::encode_event);
     let project = ProjectId::parse("bench").expect("project");
     // The middle of the project in the default order.
     let deep = Cursor {
