@@ -5,7 +5,8 @@ on a free port with a fresh SQLite file and an HS256 secret, mints tokens
 with PyJWT (not the service's own helper), then creates, reads and looks up a
 user, checks an error's code and details, that calls without a token or for
 another project are refused, imports and exports, adds the user to a group and
-finds it there (member list and `groups:` filter), and lists the services through server
+finds it there (member list and `groups:` filter), reads the change log
+(ListEvents, WatchEvents), and lists the services through server
 reflection (grpcio-reflection speaks v1alpha).
 
 usage: python .ci/smoke.py path/to/user-service
@@ -33,6 +34,8 @@ def generate(out):
         "users/v1/user_service.proto",
         "users/v1/group.proto",
         "users/v1/group_service.proto",
+        "users/v1/event.proto",
+        "users/v1/event_service.proto",
         "google/type/date.proto",
         "google/api/field_behavior.proto",
         "google/rpc/status.proto",
@@ -60,6 +63,7 @@ def main():
 
     from users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
     from users.v1 import group_pb2, group_service_pb2, group_service_pb2_grpc
+    from users.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 
     port = free_port()
     addr = f"127.0.0.1:{port}"
@@ -199,11 +203,32 @@ def main():
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.NOT_FOUND, e
 
+        # Change events: the log of the project, in revision order, naming
+        # the token's subject; a watcher replays it and reports the head.
+        events = event_service_pb2_grpc.EventServiceStub(channel)
+        log = events.ListEvents(event_service_pb2.ListEventsRequest(
+            parent="projects/smoke", page_size=1000))
+        revisions = [e.revision for e in log.events]
+        assert revisions == list(range(1, len(revisions) + 1)), revisions
+        assert log.head_revision == len(revisions), log.head_revision
+        kinds = [e.type for e in log.events]
+        for want in (event_pb2.Event.USER_CREATED, event_pb2.Event.GROUP_CREATED,
+                     event_pb2.Event.GROUP_MEMBERS_ADDED):
+            assert want in kinds, kinds
+        assert all(e.actor == "python-smoke" for e in log.events), log.events
+        added = [e for e in log.events if e.type == event_pb2.Event.GROUP_MEMBERS_ADDED]
+        assert [m.name for m in added[0].members] == [created.name], added
+        for message in events.WatchEvents(event_service_pb2.WatchEventsRequest(
+                parent="projects/smoke", after_revision=len(revisions) - 1)):
+            if message.head_revision == len(revisions):
+                break
+
         from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
             ProtoReflectionDescriptorDatabase,
         )
         services = set(ProtoReflectionDescriptorDatabase(raw).get_services())
-        for want in ("users.v1.UserService", "users.v1.GroupService", "grpc.health.v1.Health"):
+        for want in ("users.v1.UserService", "users.v1.GroupService",
+                     "users.v1.EventService", "grpc.health.v1.Health"):
             assert want in services, services
         print("python smoke test: OK")
     finally:

@@ -126,6 +126,7 @@ pub async fn serve(
             url.clone(),
             settings.events_nats_subject_prefix.clone(),
             settings.database_url.clone(),
+            settings.event_retention,
         );
         tasks.push(tokio::spawn(relay.run()).abort_handle());
     }

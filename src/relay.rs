@@ -36,6 +36,7 @@ pub struct Relay<R> {
     nats_url: String,
     prefix: String,
     database_url: String,
+    retention: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,12 +57,14 @@ impl<R: EventRepository> Relay<R> {
         nats_url: String,
         prefix: String,
         database_url: String,
+        retention: Duration,
     ) -> Self {
         Relay {
             events,
             nats_url,
             prefix,
             database_url,
+            retention,
         }
     }
 
@@ -127,9 +130,11 @@ impl<R: EventRepository> Relay<R> {
             return Ok(());
         }
         let name = self.prefix.replace('.', "_").to_uppercase();
+        // The stream keeps what the service's own log keeps.
         js.get_or_create_stream(jetstream::stream::Config {
             name,
             subjects: vec![subjects],
+            max_age: self.retention,
             ..Default::default()
         })
         .await
@@ -152,8 +157,18 @@ impl<R: EventRepository> Relay<R> {
         let rows = self
             .events
             .repository()
-            .read_events(&b.project, from, b.bounds.head, BATCH as u64)
+            .read_events(&b.project, from, b.bounds.head, BATCH as u64, true)
             .await?;
+        if let Some(first) = rows.first().map(|e| e.revision)
+            && first != from + 1
+        {
+            error!(
+                project = %b.project,
+                lost_after = from,
+                next = first,
+                "event relay: events were compacted before they were published; skipping them"
+            );
+        }
         let Some(last) = rows.last().map(|e| e.revision) else {
             if from > b.published {
                 self.events

@@ -263,21 +263,31 @@ pub trait EventRepository: Send + Sync + 'static {
     ) -> impl Future<Output = Result<LogBounds, DomainError>> + Send;
 
     /// The events of `project` with `after < revision <= through`, in
-    /// revision order, at most `limit`.
+    /// revision order, at most `limit`; without their bodies (empty) unless
+    /// `bodies`.
     fn read_events(
         &self,
         project: &ProjectId,
         after: i64,
         through: i64,
         limit: u64,
+        bodies: bool,
     ) -> impl Future<Output = Result<Vec<StoredEvent>, DomainError>> + Send;
 
-    /// Removes up to `limit` events older than `horizon`, per project a prefix
-    /// of its log, and raises the compaction marks. Returns how many.
+    /// The bodies of these revisions of `project` that are kept.
+    fn event_bodies(
+        &self,
+        project: &ProjectId,
+        revisions: &[i64],
+    ) -> impl Future<Output = Result<Vec<(i64, Vec<u8>)>, DomainError>> + Send;
+
+    /// Removes the events older than `horizon`, per project a prefix of its
+    /// log (in transactions of at most 1000 events), and raises the
+    /// compaction marks, for at most `budget`. Returns how many.
     fn compact_events(
         &self,
         horizon: Timestamp,
-        limit: u64,
+        budget: std::time::Duration,
     ) -> impl Future<Output = Result<u64, DomainError>> + Send;
 
     /// A receiver woken after every commit this process makes that appends
@@ -425,6 +435,12 @@ impl<R: EventRepository> Events<R> {
         limit: u32,
     ) -> Result<EventPage, DomainError> {
         let bounds = self.repo.bounds(project).await?;
+        // 0: from the oldest event kept.
+        let after = if after == 0 {
+            bounds.compacted_through
+        } else {
+            after
+        };
         if after > bounds.head {
             return Err(DomainError::RevisionAhead {
                 after,
@@ -441,44 +457,73 @@ impl<R: EventRepository> Events<R> {
             return Ok(page);
         }
         // Without a filter every row read is returned: read no more than
-        // asked.
-        let want = if filter.0.is_none() {
-            limit as i64
-        } else {
-            MAX_SCAN
-        };
+        // asked. With one, rows are scanned without their bodies, and only
+        // the bodies of matches are read.
+        let unfiltered = filter.0.is_none();
+        let want = if unfiltered { limit as i64 } else { MAX_SCAN };
         let rows = self
             .repo
-            .read_events(project, after, through, want as u64)
+            .read_events(project, after, through, want as u64, unfiltered)
             .await?;
         // The log has no gaps: a first revision other than `after + 1`
         // means compaction removed it (the mark is read after the rows, so
         // a compaction that ran meanwhile is seen).
         if rows.first().map(|e| e.revision) != Some(after + 1) {
-            let now = self.repo.bounds(project).await?;
-            if after < now.compacted_through {
-                return Err(DomainError::EventsCompacted {
-                    after,
-                    oldest: now.compacted_through + 1,
-                    head: now.head,
-                });
-            }
-            return Err(DomainError::Internal(format!(
-                "event log of {project} has a gap after {after}"
-            )));
+            return Err(self.missing(project, after).await);
         }
-        let mut bytes = 0;
+        let mut chosen = Vec::new();
         for e in rows {
-            if page.events.len() >= limit as usize || bytes >= PAGE_BYTES {
+            if chosen.len() >= limit as usize {
                 break;
             }
             page.through = e.revision;
             if filter.matches(&e) {
-                bytes += e.body.len() + 64;
-                page.events.push(e);
+                chosen.push(e);
             }
         }
+        if !unfiltered && !chosen.is_empty() {
+            let revisions: Vec<i64> = chosen.iter().map(|e| e.revision).collect();
+            let mut bodies: std::collections::HashMap<i64, Vec<u8>> = self
+                .repo
+                .event_bodies(project, &revisions)
+                .await?
+                .into_iter()
+                .collect();
+            for e in &mut chosen {
+                match bodies.remove(&e.revision) {
+                    Some(b) => e.body = b,
+                    None => return Err(self.missing(project, after).await),
+                }
+            }
+        }
+        // Cut to stay within one response message (at least one event).
+        let mut bytes = 0;
+        for (i, e) in chosen.iter().enumerate() {
+            bytes += e.body.len() + 64;
+            if i > 0 && bytes > PAGE_BYTES {
+                page.through = chosen[i - 1].revision;
+                chosen.truncate(i);
+                break;
+            }
+        }
+        page.events = chosen;
         Ok(page)
+    }
+
+    /// Why events after `after` are missing: compacted meanwhile, else a
+    /// broken log.
+    async fn missing(&self, project: &ProjectId, after: i64) -> DomainError {
+        match self.repo.bounds(project).await {
+            Ok(now) if after < now.compacted_through => DomainError::EventsCompacted {
+                after,
+                oldest: now.compacted_through + 1,
+                head: now.head,
+            },
+            Ok(_) => DomainError::Internal(format!(
+                "event log of {project} has a gap after {after}"
+            )),
+            Err(e) => e,
+        }
     }
 
     /// Removes the events older than the retention; returns how many.
@@ -486,7 +531,10 @@ impl<R: EventRepository> Events<R> {
         let horizon =
             Timestamp::now().nanos() - self.retention.as_nanos().min(i64::MAX as u128) as i64;
         self.repo
-            .compact_events(Timestamp::from_nanos(horizon), 10_000)
+            .compact_events(
+                Timestamp::from_nanos(horizon),
+                std::time::Duration::from_secs(20),
+            )
             .await
     }
 }

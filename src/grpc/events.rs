@@ -235,6 +235,9 @@ fn watch<R: EventRepository>(
                 }
             };
             let caught_up = page.through >= page.head;
+            let now = tokio::time::Instant::now();
+            // Events, or progress: once caught up, and while a filter skips
+            // everything, every MARKER_INTERVAL.
             let message = if !page.events.is_empty() {
                 match events_to_proto(&page.events) {
                     Ok(events) => Some(pb::WatchEventsResponse {
@@ -246,7 +249,9 @@ fn watch<R: EventRepository>(
                         return;
                     }
                 }
-            } else if caught_up && tokio::time::Instant::now() >= marker_due {
+            } else if page.through > after && now >= marker_due
+                || caught_up && now >= marker_due
+            {
                 Some(pb::WatchEventsResponse {
                     events: Vec::new(),
                     head_revision: page.through,
@@ -254,17 +259,19 @@ fn watch<R: EventRepository>(
             } else {
                 None
             };
-            after = page.through;
             if let Some(m) = message {
                 tokio::select! {
                     sent = tx.send(Ok(m)) => if sent.is_err() { return },
                     () = until_draining(&mut draining) => {
+                        // The message was not sent: resume before it.
                         let _ = tx.send(Err(stop(after))).await;
                         return;
                     }
                 }
                 marker_due = tokio::time::Instant::now() + MARKER_INTERVAL;
             }
+            // Skipped revisions need no message: the next one covers them.
+            after = page.through;
             if !caught_up {
                 continue;
             }

@@ -23,7 +23,7 @@ use crate::domain::events::{
 };
 use crate::domain::{DomainError, ProjectId, Timestamp};
 
-/// Rows per multi-row INSERT (7 parameters each).
+/// Rows per multi-row INSERT (at most 8 parameters each).
 const ROWS_PER_INSERT: usize = 256;
 
 /// Appends events and tells this process's watchers about new commits.
@@ -51,49 +51,34 @@ impl Outbox {
             return Ok(());
         }
         let backend = conn.get_database_backend();
-        let mut by_project: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
-        for e in events {
-            by_project.entry(e.project.as_str()).or_default().push(e);
+        // Encoded before the head is bumped: its row stays locked from the
+        // bump to the commit, and that time is what writers of a project
+        // wait for.
+        let mut bodies: Vec<Vec<u8>> = events.iter().map(|e| (self.encode)(e)).collect();
+        let mut by_project: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, e) in events.iter().enumerate() {
+            by_project.entry(e.project.as_str()).or_default().push(i);
         }
-        for (project, events) in by_project {
-            let n = events.len() as i64;
-            let row = conn
-                .query_one_raw(sql(
-                    backend,
-                    "INSERT INTO event_heads (project, revision) VALUES (?, ?) \
-                     ON CONFLICT (project) DO UPDATE \
-                     SET revision = event_heads.revision + excluded.revision \
-                     RETURNING revision",
-                    vec![project.into(), n.into()],
-                ))
-                .await?
-                .ok_or_else(|| DbErr::Custom("event head not returned".into()))?;
-            let head: i64 = row.try_get_by_index(0)?;
-            let mut revision = head - n;
-            for chunk in events.chunks(ROWS_PER_INSERT) {
-                let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 7);
-                for e in chunk {
-                    revision += 1;
-                    values.extend([
-                        Value::from(project),
-                        Value::from(revision),
+        for (project, indexes) in by_project {
+            for chunk in indexes.chunks(ROWS_PER_INSERT) {
+                let n = chunk.len() as i64;
+                let mut rows = Vec::with_capacity(chunk.len());
+                for (k, &i) in chunk.iter().enumerate() {
+                    let e = &events[i];
+                    rows.push([
+                        Value::from(k as i64 + 1),
                         Value::from(e.id.as_str()),
                         Value::from(e.kind.as_str()),
                         Value::from(e.resource.as_str()),
                         Value::from(e.time.nanos()),
-                        Value::from((self.encode)(e)),
+                        Value::from(std::mem::take(&mut bodies[i])),
                     ]);
                 }
-                let rows = vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
-                conn.execute_raw(sql(
-                    backend,
-                    &format!(
-                        "INSERT INTO events (project, revision, event_id, event_type, \
-                         resource, event_time, body) VALUES {rows}"
-                    ),
-                    values,
-                ))
-                .await?;
+                if backend == DatabaseBackend::Postgres {
+                    append_pg(conn, project, n, rows).await?;
+                } else {
+                    append_sqlite(conn, project, n, rows).await?;
+                }
             }
         }
         Ok(())
@@ -103,6 +88,92 @@ impl Outbox {
     pub(crate) fn committed(&self) {
         self.appended.send_modify(|n| *n = n.wrapping_add(1));
     }
+}
+
+/// The head bump as one statement: the project's head grows by `n` and
+/// returns the new head.
+const BUMP: &str = "INSERT INTO event_heads (project, revision) VALUES (?, ?) \
+     ON CONFLICT (project) DO UPDATE SET revision = event_heads.revision + excluded.revision \
+     RETURNING revision";
+
+/// One event row: its 1-based position `k` in the chunk, then event_id,
+/// event_type, resource, event_time, body.
+type Row = [Value; 6];
+
+/// PostgreSQL: bump and insert in one statement, so that the head's row lock
+/// is taken as late as possible.
+async fn append_pg<C: ConnectionTrait>(
+    conn: &C,
+    project: &str,
+    n: i64,
+    rows: Vec<Row>,
+) -> Result<(), DbErr> {
+    let marks = vec!["(?::bigint, ?, ?, ?, ?::bigint, ?::bytea)"; rows.len()].join(", ");
+    let mut values = Vec::with_capacity(2 + rows.len() * 6);
+    values.extend([Value::from(project), Value::from(n)]);
+    values.extend(rows.into_iter().flatten());
+    let template = format!(
+        "WITH h AS ({BUMP}) \
+         INSERT INTO events (project, revision, event_id, event_type, resource, event_time, body) \
+         SELECT h.project, h.revision - h.n + v.k, v.event_id, v.event_type, v.resource, \
+                v.event_time, v.body \
+         FROM (SELECT ?::text AS project, ?::bigint AS n, revision FROM h) h, \
+              (VALUES {marks}) AS v (k, event_id, event_type, resource, event_time, body)"
+    );
+    // The bump's own two values come first, then the projection's copy.
+    let mut all = Vec::with_capacity(values.len() + 2);
+    all.extend([Value::from(project), Value::from(n)]);
+    all.extend(values);
+    let res = conn
+        .execute_raw(sql(DatabaseBackend::Postgres, &template, all))
+        .await?;
+    if res.rows_affected() != n as u64 {
+        return Err(DbErr::Custom(format!(
+            "appended {} of {n} events",
+            res.rows_affected()
+        )));
+    }
+    Ok(())
+}
+
+/// SQLite (one writer at a time): bump, then insert with the numbers.
+async fn append_sqlite<C: ConnectionTrait>(
+    conn: &C,
+    project: &str,
+    n: i64,
+    rows: Vec<Row>,
+) -> Result<(), DbErr> {
+    let backend = DatabaseBackend::Sqlite;
+    let head: i64 = conn
+        .query_one_raw(sql(backend, BUMP, vec![project.into(), n.into()]))
+        .await?
+        .ok_or_else(|| DbErr::Custom("event head not returned".into()))?
+        .try_get_by_index(0)?;
+    let marks = vec!["(?, ? + ?, ?, ?, ?, ?, ?)"; rows.len()].join(", ");
+    let mut values = Vec::with_capacity(rows.len() * 8);
+    for row in rows {
+        let [k, id, kind, resource, time, body] = row;
+        values.extend([
+            Value::from(project),
+            Value::from(head - n),
+            k,
+            id,
+            kind,
+            resource,
+            time,
+            body,
+        ]);
+    }
+    conn.execute_raw(sql(
+        backend,
+        &format!(
+            "INSERT INTO events (project, revision, event_id, event_type, resource, \
+             event_time, body) VALUES {marks}"
+        ),
+        values,
+    ))
+    .await?;
+    Ok(())
 }
 
 impl EventRepository for SeaOrmRepository {
@@ -131,14 +202,18 @@ impl EventRepository for SeaOrmRepository {
         after: i64,
         through: i64,
         limit: u64,
+        bodies: bool,
     ) -> Result<Vec<StoredEvent>, DomainError> {
+        let body = if bodies { "body" } else { "NULL" };
         let rows = self
             .db
             .query_all_raw(sql(
                 self.db.get_database_backend(),
-                "SELECT revision, event_id, event_type, resource, body FROM events \
-                 WHERE project = ? AND revision > ? AND revision <= ? \
-                 ORDER BY revision LIMIT ?",
+                &format!(
+                    "SELECT revision, event_id, event_type, resource, {body} FROM events \
+                     WHERE project = ? AND revision > ? AND revision <= ? \
+                     ORDER BY revision LIMIT ?"
+                ),
                 vec![
                     project.as_str().into(),
                     after.into(),
@@ -155,21 +230,60 @@ impl EventRepository for SeaOrmRepository {
                     event_id: r.try_get_by_index(1)?,
                     kind: r.try_get_by_index(2)?,
                     resource: r.try_get_by_index(3)?,
-                    body: r.try_get_by_index(4)?,
+                    body: r
+                        .try_get_by_index::<Option<Vec<u8>>>(4)?
+                        .unwrap_or_default(),
                 })
             })
             .collect::<Result<_, DbErr>>()
             .map_err(db_error)
     }
 
-    async fn compact_events(&self, horizon: Timestamp, limit: u64) -> Result<u64, DomainError> {
+    async fn event_bodies(
+        &self,
+        project: &ProjectId,
+        revisions: &[i64],
+    ) -> Result<Vec<(i64, Vec<u8>)>, DomainError> {
+        let mut out = Vec::with_capacity(revisions.len());
+        for chunk in revisions.chunks(500) {
+            let mut values = vec![Value::from(project.as_str())];
+            values.extend(chunk.iter().map(|r| Value::from(*r)));
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let rows = self
+                .db
+                .query_all_raw(sql(
+                    self.db.get_database_backend(),
+                    &format!(
+                        "SELECT revision, body FROM events WHERE project = ? \
+                         AND revision IN ({marks})"
+                    ),
+                    values,
+                ))
+                .await
+                .map_err(db_error)?;
+            for r in rows {
+                out.push((
+                    r.try_get_by_index(0).map_err(db_error)?,
+                    r.try_get_by_index(1).map_err(db_error)?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn compact_events(
+        &self,
+        horizon: Timestamp,
+        budget: std::time::Duration,
+    ) -> Result<u64, DomainError> {
+        let started = std::time::Instant::now();
         let backend = self.db.get_database_backend();
         let projects = self
             .db
             .query_all_raw(sql(
                 backend,
                 "SELECT project, compacted_through FROM event_heads \
-                 WHERE compacted_through < revision",
+                 WHERE compacted_through < revision ORDER BY compacted_through",
                 vec![],
             ))
             .await
@@ -178,7 +292,7 @@ impl EventRepository for SeaOrmRepository {
         for row in projects {
             let project: String = row.try_get_by_index(0).map_err(db_error)?;
             loop {
-                if removed >= limit {
+                if started.elapsed() >= budget {
                     return Ok(removed);
                 }
                 let n = compact_prefix(&self.db, backend, &project, horizon)
@@ -269,12 +383,15 @@ impl RelayLease {
         Ok(got.then_some(RelayLease { conn: Some(conn) }))
     }
 
-    /// Whether the lease still holds (its connection is alive).
+    /// Whether the lease still holds (its connection answers within 5 s).
     pub async fn holds(&mut self) -> bool {
         use sea_orm::sqlx::Connection;
         match &mut self.conn {
             None => true,
-            Some(c) => c.ping().await.is_ok(),
+            Some(c) => matches!(
+                tokio::time::timeout(std::time::Duration::from_secs(5), c.ping()).await,
+                Ok(Ok(()))
+            ),
         }
     }
 }

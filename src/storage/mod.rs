@@ -722,17 +722,19 @@ impl UserRepository for SeaOrmRepository {
             .map_err(db_error)?;
         let mut purged = 0;
         for (project, user_id) in due {
-            // Re-checked in the statement: an undelete in between wins.
-            let txn = self.db.begin().await.map_err(db_error)?;
+            // Read outside the write transaction (a read first would make a
+            // SQLite transaction fail to upgrade under concurrent writes);
+            // the delete re-checks the revision and the purge time, so an
+            // undelete or any change in between wins.
             let Some(model) = users::Entity::find_by_id((project.clone(), user_id.clone()))
-                .one(&txn)
+                .one(&self.db)
                 .await
                 .map_err(db_error)?
             else {
-                txn.rollback().await.map_err(db_error)?;
                 continue;
             };
             let user = from_model(model)?;
+            let txn = self.db.begin().await.map_err(db_error)?;
             let erased = self
                 .erase_in(&txn, &project, &user_id, |d| {
                     d.filter(users::Column::Revision.eq(user.revision))

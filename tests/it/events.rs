@@ -1597,7 +1597,7 @@ async fn compacted_events_are_out_of_range(e: Engine) {
     // Wait until all three are compacted away.
     let start = Instant::now();
     let st = loop {
-        if let Err(st) = ev.list_events(list_req(P, 0, 100)).await {
+        if let Err(st) = ev.list_events(list_req(P, 1, 100)).await {
             assert_eq!(st.code(), Code::OutOfRange, "{st:?}");
             assert_eq!(reason(&st), "EVENTS_COMPACTED", "{st:?}");
             if meta(&st, "oldest_revision") == "4" {
@@ -1620,13 +1620,19 @@ async fn compacted_events_are_out_of_range(e: Engine) {
     );
     assert_eq!(meta(&st, "oldest_revision"), "4");
 
-    // From the oldest available revision minus one: an empty log, at head 3.
-    let page = list_page(&mut ev, list_req(P, 3, 100)).await;
-    assert!(page.events.is_empty());
-    assert!(page.next_page_token.is_empty());
-    assert_eq!(page.head_revision, 3);
+    // From the oldest available revision minus one, or from 0 (the oldest
+    // kept): an empty log, at head 3.
+    for after in [3, 0] {
+        let page = list_page(&mut ev, list_req(P, after, 100)).await;
+        assert!(page.events.is_empty());
+        assert!(page.next_page_token.is_empty());
+        assert_eq!(page.head_revision, 3);
+    }
+    let mut w = watch(&mut ev, P, 0, "").await;
+    assert_eq!(next(&mut w, WAIT).await.head_revision, 3);
+    drop(w);
 
-    let st = watch_error(&mut ev, watch_req(P, 0, "")).await;
+    let st = watch_error(&mut ev, watch_req(P, 1, "")).await;
     assert_eq!(st.code(), Code::OutOfRange, "{st:?}");
     assert_eq!(reason(&st), "EVENTS_COMPACTED", "{st:?}");
     assert_eq!(meta(&st, "oldest_revision"), "4");
