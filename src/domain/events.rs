@@ -519,9 +519,9 @@ impl<R: EventRepository> Events<R> {
                 oldest: now.compacted_through + 1,
                 head: now.head,
             },
-            Ok(_) => DomainError::Internal(format!(
-                "event log of {project} has a gap after {after}"
-            )),
+            Ok(_) => {
+                DomainError::Internal(format!("event log of {project} has a gap after {after}"))
+            }
             Err(e) => e,
         }
     }
