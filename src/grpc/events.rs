@@ -249,7 +249,7 @@ fn watch<R: EventRepository>(
                         return;
                     }
                 }
-            } else if page.through > after && now >= marker_due || caught_up && now >= marker_due {
+            } else if (page.through > after || caught_up) && now >= marker_due {
                 Some(pb::WatchEventsResponse {
                     events: Vec::new(),
                     head_revision: page.through,
