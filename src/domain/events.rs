@@ -166,9 +166,9 @@ impl Event {
         )
     }
 
-    /// What a conditional write of `next` over `previous` changed, by the
-    /// current origin.
-    pub fn of_user_save(previous: &User, next: &User) -> Self {
+    /// What a conditional write of `next` over `previous` changed, by
+    /// `origin`.
+    pub fn of_user_save_by(previous: &User, next: &User, origin: Arc<Origin>) -> Self {
         let deleted = |u: &User| u.state == State::Deleted;
         let kind = match (deleted(previous), deleted(next)) {
             (false, true) => EventKind::UserDeleted,
@@ -176,11 +176,7 @@ impl Event {
             _ if previous.state != next.state => EventKind::UserStateChanged,
             _ => EventKind::UserUpdated,
         };
-        let mut e = Event::new(
-            kind,
-            Origin::current(),
-            Snapshot::User(Box::new(next.clone())),
-        );
+        let mut e = Event::new(kind, origin, Snapshot::User(Box::new(next.clone())));
         if kind == EventKind::UserUpdated {
             e.changed_paths = previous
                 .profile

@@ -12,6 +12,7 @@ mod idempotency;
 pub mod nodelay;
 mod query;
 mod read_batch;
+mod saves;
 mod sqlite_read;
 mod terms;
 
@@ -20,9 +21,9 @@ use std::time::Duration;
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
-    DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QuerySelect,
-    QueryTrait, Statement, TransactionTrait,
+    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
+    DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QuerySelect, QueryTrait, Statement,
+    TransactionTrait,
 };
 use tracing::{debug, instrument};
 
@@ -129,6 +130,8 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
 pub struct SeaOrmRepository {
     db: DatabaseConnection,
     creates: Batcher,
+    /// Group commit of conditional single-user writes (see `saves`).
+    saves: saves::Saver,
     /// SQLite only: inline point reads (see `sqlite_read`).
     readers: Option<Arc<SqliteReaders>>,
     /// SQLite only: connections for exports, without a memory map, so that
@@ -158,11 +161,13 @@ impl SeaOrmRepository {
         };
         let outbox = Outbox::new(encode);
         let creates = Batcher::start(db.clone(), writers, outbox.clone());
+        let saves = saves::Saver::start(db.clone(), writers, outbox.clone());
         let batched_reads = (db.get_database_backend() == DatabaseBackend::Postgres)
             .then(|| ReadBatcher::start(db.clone(), 4));
         Self {
             db,
             creates,
+            saves,
             readers: None,
             scan_readers: None,
             point_readers: None,
@@ -580,42 +585,7 @@ impl UserRepository for SeaOrmRepository {
 
     #[instrument(skip_all, fields(project = %user.project))]
     async fn save(&self, user: &User, previous: &User) -> Result<bool, DomainError> {
-        // Every column is written (`reset_all` marks them Set); the key is the
-        // filter, not a value to write.
-        let mut am = users::ActiveModel::from(to_model(user)?).reset_all();
-        am.project = sea_orm::ActiveValue::NotSet;
-        am.user_id = sea_orm::ActiveValue::NotSet;
-        let update = users::Entity::update_many()
-            .set(am)
-            .filter(users::Column::Project.eq(user.project.as_str()))
-            .filter(users::Column::UserId.eq(user.id.as_str()))
-            .filter(users::Column::Revision.eq(previous.revision));
-        // The row, its index terms and its event change together.
-        let txn = self.db.begin().await.map_err(db_error)?;
-        let saved = match update.exec(&txn).await {
-            Ok(res) => res.rows_affected == 1,
-            Err(e) => {
-                let e = db_error(e);
-                let _ = txn.rollback().await;
-                return Err(explain(&self.db, user, false, e).await);
-            }
-        };
-        if saved {
-            if terms::of(user) != terms::of(previous) {
-                terms::replace(&txn, user, previous)
-                    .await
-                    .map_err(db_error)?;
-            }
-            self.outbox
-                .append(&txn, &[Event::of_user_save(previous, user)])
-                .await
-                .map_err(db_error)?;
-        }
-        txn.commit().await.map_err(db_error)?;
-        if saved {
-            self.outbox.committed();
-        }
-        Ok(saved)
+        self.saves.submit(user.clone(), previous.clone()).await
     }
 
     #[instrument(skip_all, fields(project = %user.project))]
