@@ -2,7 +2,7 @@
 //! the same transaction as the change (a transactional outbox).
 //!
 //! The storage appends; the domain decides what an event says
-//! (`Event::of_user_save` and friends) and who caused it: the transport sets
+//! (`Event::of_user_save_by` and friends) and who caused it: the transport sets
 //! the caller's `Origin` for the task that runs a call, and the storage reads
 //! it when it appends (`Origin::current`), so no write method needs an extra
 //! parameter that every caller must remember to pass.
@@ -424,6 +424,23 @@ impl<R: EventRepository> Events<R> {
     /// the log no longer holds, or one beyond its head.
     #[instrument(skip_all, fields(project = %project))]
     pub async fn read(
+        &self,
+        project: &ProjectId,
+        after: i64,
+        filter: &EventFilter,
+        limit: u32,
+    ) -> Result<EventPage, DomainError> {
+        match self.read_once(project, after, filter, limit).await {
+            // "From the oldest kept" met a compaction that ran meanwhile:
+            // what is kept now.
+            Err(DomainError::EventsCompacted { .. }) if after == 0 => {
+                self.read_once(project, after, filter, limit).await
+            }
+            r => r,
+        }
+    }
+
+    async fn read_once(
         &self,
         project: &ProjectId,
         after: i64,

@@ -23,8 +23,25 @@ use crate::domain::events::{
 };
 use crate::domain::{DomainError, ProjectId, Timestamp};
 
-/// Rows per multi-row INSERT (at most 8 parameters each).
-const ROWS_PER_INSERT: usize = 256;
+/// Rows per multi-row INSERT (at most 8 parameters each), largest first: a
+/// statement's text depends on its row count, and a few fixed counts keep
+/// every shape in the prepared-statement cache.
+const ROW_COUNTS: [usize; 4] = [256, 16, 4, 1];
+
+/// `items` in chunks of the sizes of `ROW_COUNTS`.
+fn fixed_chunks<T>(mut items: &[T]) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    while !items.is_empty() {
+        let size = ROW_COUNTS
+            .into_iter()
+            .find(|n| *n <= items.len())
+            .unwrap_or(1);
+        let (head, rest) = items.split_at(size);
+        out.push(head);
+        items = rest;
+    }
+    out
+}
 
 /// Appends events and tells this process's watchers about new commits.
 pub(crate) struct Outbox {
@@ -60,7 +77,7 @@ impl Outbox {
             by_project.entry(e.project.as_str()).or_default().push(i);
         }
         for (project, indexes) in by_project {
-            for chunk in indexes.chunks(ROWS_PER_INSERT) {
+            for chunk in fixed_chunks(&indexes) {
                 let n = chunk.len() as i64;
                 let mut rows = Vec::with_capacity(chunk.len());
                 for (k, &i) in chunk.iter().enumerate() {

@@ -8,10 +8,13 @@
 //! revision its caller read, so a second write of the same user in one
 //! batch loses the race as it would alone (its caller re-reads and tries
 //! again). Rows are written in (project, user) order, so that two batches
-//! never wait on each other's rows in a cycle. If anything fails (a unique
-//! index refuses a new email, a deadlock, a lost connection), the batch is
-//! rolled back and every write runs again in a transaction of its own, which
-//! reports its own error.
+//! never wait on each other's rows in a cycle. When one write's statement
+//! fails (a unique index refuses a new email, a deadlock), the batch rolls
+//! back, that write runs alone (and reports its own error), and the others
+//! are batched again. When the database fails as a whole (no connection, a
+//! failed commit, whose outcome is unknown), every write of the batch gets
+//! that error: nothing is applied twice. A write whose caller has gone away
+//! before its batch starts is not applied.
 
 use std::sync::Arc;
 
@@ -32,6 +35,8 @@ const MAX_BATCH: usize = 128;
 
 struct Job {
     next: User,
+    /// `next` as a row, encoded on the caller's task.
+    model: users::Model,
     previous: User,
     /// The caller's, for the event (the writer task has none).
     origin: Arc<Origin>,
@@ -58,6 +63,7 @@ impl Saver {
     pub(crate) async fn submit(&self, next: User, previous: User) -> Result<bool, DomainError> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
+            model: to_model(&next)?,
             next,
             previous,
             origin: Origin::current(),
@@ -67,6 +73,14 @@ impl Saver {
         self.tx.send(job).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
+}
+
+/// Why a batch did not commit.
+enum Failed {
+    /// The statement of this job failed.
+    Job(usize, DbErr),
+    /// The database as a whole (begin, the events, the commit).
+    Batch(DbErr),
 }
 
 async fn writer(db: DatabaseConnection, outbox: Arc<Outbox>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
@@ -79,34 +93,51 @@ async fn writer(db: DatabaseConnection, outbox: Arc<Outbox>, rx: Arc<Mutex<mpsc:
             (a.next.project.as_str(), a.next.id.as_str())
                 .cmp(&(b.next.project.as_str(), b.next.id.as_str()))
         });
-        if jobs.len() > 1 {
+        while !jobs.is_empty() {
+            // A caller that went away gets nothing applied, as when its own
+            // transaction was dropped.
+            jobs.retain(|j| !j.reply.is_closed());
+            if jobs.is_empty() {
+                break;
+            }
             match save_batch(&db, &outbox, &jobs).await {
                 Ok(saved) => {
-                    for (job, saved) in jobs.into_iter().zip(saved) {
+                    for (job, saved) in jobs.drain(..).zip(saved) {
                         let _ = job.reply.send(Ok(saved));
                     }
-                    continue;
                 }
-                Err(e) => tracing::debug!(error = %e, "batched writes failed; one at a time"),
+                Err(Failed::Job(i, e)) => {
+                    tracing::debug!(error = %e, "a batched write failed; it runs alone");
+                    let job = jobs.remove(i);
+                    let r = save_alone(&db, &outbox, &job).await;
+                    let _ = job.reply.send(r);
+                }
+                Err(Failed::Batch(e)) => {
+                    let e = db_error(e);
+                    for job in jobs.drain(..) {
+                        let _ = job.reply.send(Err(copy(&e)));
+                    }
+                }
             }
-        }
-        for job in jobs {
-            let r = save_alone(&db, &outbox, &job).await;
-            let _ = job.reply.send(r);
         }
     }
 }
 
+/// The error each write of a failed batch gets.
+fn copy(e: &DomainError) -> DomainError {
+    match e {
+        DomainError::ConcurrentModification => DomainError::ConcurrentModification,
+        DomainError::Unavailable(m) => DomainError::Unavailable(m.clone()),
+        other => DomainError::Internal(other.to_string()),
+    }
+}
+
 /// The conditional UPDATE of one user and, if it matched, its index terms.
-async fn save_in<C: ConnectionTrait>(
-    conn: &C,
-    next: &User,
-    previous: &User,
-) -> Result<bool, DbErr> {
+async fn save_in<C: ConnectionTrait>(conn: &C, job: &Job) -> Result<bool, DbErr> {
+    let (next, previous) = (&job.next, &job.previous);
     // Every column is written (`reset_all` marks them Set); the key is the
     // filter, not a value to write.
-    let model = to_model(next).map_err(|e| DbErr::Custom(e.to_string()))?;
-    let mut am = users::ActiveModel::from(model).reset_all();
+    let mut am = users::ActiveModel::from(job.model.clone()).reset_all();
     am.project = sea_orm::ActiveValue::NotSet;
     am.user_id = sea_orm::ActiveValue::NotSet;
     let res = users::Entity::update_many()
@@ -127,12 +158,12 @@ async fn save_batch(
     db: &DatabaseConnection,
     outbox: &Outbox,
     jobs: &[Job],
-) -> Result<Vec<bool>, DbErr> {
-    let txn = db.begin().await?;
+) -> Result<Vec<bool>, Failed> {
+    let txn = db.begin().await.map_err(Failed::Batch)?;
     let mut saved = Vec::with_capacity(jobs.len());
     let mut events = Vec::new();
-    for job in jobs {
-        let ok = save_in(&txn, &job.next, &job.previous).await?;
+    for (i, job) in jobs.iter().enumerate() {
+        let ok = save_in(&txn, job).await.map_err(|e| Failed::Job(i, e))?;
         if ok {
             events.push(Event::of_user_save_by(
                 &job.previous,
@@ -142,8 +173,8 @@ async fn save_batch(
         }
         saved.push(ok);
     }
-    outbox.append(&txn, &events).await?;
-    txn.commit().await?;
+    outbox.append(&txn, &events).await.map_err(Failed::Batch)?;
+    txn.commit().await.map_err(Failed::Batch)?;
     if !events.is_empty() {
         outbox.committed();
     }
@@ -158,7 +189,7 @@ async fn save_alone(
 ) -> Result<bool, DomainError> {
     let (next, previous) = (&job.next, &job.previous);
     let txn = db.begin().await.map_err(db_error)?;
-    let saved = match save_in(&txn, next, previous).await {
+    let saved = match save_in(&txn, job).await {
         Ok(saved) => saved,
         Err(e) => {
             let e = db_error(e);
