@@ -16,7 +16,7 @@ use std::sync::Arc;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, TransactionTrait, Value};
 use tokio::sync::watch;
 
-use super::groups::sql;
+use super::groups::{marks, sql};
 use super::{SeaOrmRepository, db_error};
 use crate::domain::events::{
     Backlog, Event, EventEncoder, EventRepository, LogBounds, StoredEvent,
@@ -265,7 +265,7 @@ impl EventRepository for SeaOrmRepository {
         for chunk in revisions.chunks(500) {
             let mut values = vec![Value::from(project.as_str())];
             values.extend(chunk.iter().map(|r| Value::from(*r)));
-            let marks = vec!["?"; chunk.len()].join(", ");
+            let marks = marks(chunk.len());
             let rows = self
                 .db
                 .query_all_raw(sql(

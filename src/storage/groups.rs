@@ -56,7 +56,7 @@ pub(crate) fn sql(backend: DatabaseBackend, template: &str, values: Vec<Value>) 
 }
 
 /// `?, ?, ?` for `n` values.
-fn marks(n: usize) -> String {
+pub(crate) fn marks(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
