@@ -8,6 +8,9 @@ use user_service::app::{self, BoxError};
 use user_service::config::{Cli, Command};
 use user_service::{storage, telemetry};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, Bytes, BytesMut};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use tonic::transport::{Channel, Endpoint};
@@ -110,8 +111,9 @@ struct Args {
     #[arg(long, default_value_t = 50)]
     group_rounds: usize,
 
-    /// Concurrent CreateUser calls per connection while seeding.
-    #[arg(long, default_value_t = 32)]
+    /// Concurrent CreateUser calls per connection while seeding (4 x 8
+    /// stays under the server's default --max-in-flight).
+    #[arg(long, default_value_t = 8)]
     seed_in_flight: usize,
 
     /// Measured time per scenario.
@@ -126,12 +128,22 @@ struct Args {
     #[arg(long)]
     server_bin: Option<PathBuf>,
 
+    /// Do not run h2load beside user-bench's own generator for the ceiling,
+    /// get and lookup scenarios.
+    #[arg(long)]
+    no_h2load: bool,
+
     /// Internal: serve the ceiling UserService on this address.
     #[arg(long, hide = true)]
     serve_ceiling: Option<SocketAddr>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+// The server's allocator, so that the ceiling differs from it only in what
+// a call does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -477,22 +489,111 @@ async fn run_watch(channel: Channel) -> Result<Moved, BoxError> {
     })
 }
 
+/// A unary call as it goes on the wire: the method's path and the request,
+/// already framed. The generator sends bytes built before the clock starts
+/// for the call, so that encoding stays out of what it measures.
+struct Call {
+    path: &'static str,
+    body: Bytes,
+}
+
+impl Call {
+    fn new<M: prost::Message>(method: &'static str, request: &M) -> Self {
+        let len = request.encoded_len();
+        let mut b = BytesMut::with_capacity(5 + len);
+        b.put_u8(0);
+        b.put_u32(len as u32);
+        request.encode(&mut b).expect("a BytesMut grows");
+        Call {
+            path: method,
+            body: b.freeze(),
+        }
+    }
+}
+
+/// An HTTP/2 connection of the generator (the `h2` crate directly: no
+/// tonic channel, no buffer task, no decoding of the response message).
+async fn h2_connect(addr: &str) -> Result<h2::client::SendRequest<Bytes>, BoxError> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 24)
+        .handshake(tcp)
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// The gRPC status of a finished call, by name; `Ok(())` for OK.
+async fn h2_call(
+    send: &h2::client::SendRequest<Bytes>,
+    authority: &http::uri::Authority,
+    call: Call,
+) -> Result<(), String> {
+    let failed = |e: h2::Error| format!("h2: {e}");
+    let uri = http::uri::Builder::new()
+        .scheme("http")
+        .authority(authority.clone())
+        .path_and_query(http::uri::PathAndQuery::from_static(call.path))
+        .build()
+        .map_err(|e| format!("uri: {e}"))?;
+    let req = http::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .map_err(|e| format!("request: {e}"))?;
+    let mut ready = send.clone().ready().await.map_err(failed)?;
+    let (response, mut stream) = ready.send_request(req, false).map_err(failed)?;
+    stream.send_data(call.body, true).map_err(failed)?;
+    let (parts, mut body) = response.await.map_err(failed)?.into_parts();
+    let status = |h: &http::HeaderMap| {
+        h.get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+    };
+    // A trailers-only answer (an error) carries its status in the headers.
+    let mut code = status(&parts.headers);
+    if code.is_none() {
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(failed)?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        code = body
+            .trailers()
+            .await
+            .map_err(failed)?
+            .as_ref()
+            .and_then(status);
+    }
+    match code {
+        Some(0) => Ok(()),
+        Some(n) => Err(format!("{:?}", tonic::Code::from_i32(n))),
+        None => Err(format!("no grpc-status (HTTP {})", parts.status)),
+    }
+}
+
 /// Runs `op` from `connections x in_flight` workers: `warmup` unmeasured, then
 /// `duration` measured.
-async fn load<F, Fut>(channels: &[Channel], args: &Args, op: F) -> Stats
+async fn load<F>(addr: &str, args: &Args, op: F) -> Result<Stats, BoxError>
 where
-    F: Fn(UserServiceClient<Channel>, u64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<(), Status>> + Send,
+    F: Fn(u64) -> Call + Clone + Send + Sync + 'static,
 {
+    let mut connections = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        connections.push(h2_connect(addr).await?);
+    }
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
     let seq = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for ch in channels {
+    for send in &connections {
         for _ in 0..args.in_flight {
-            let client =
-                UserServiceClient::new(ch.clone()).max_decoding_message_size(16 * 1024 * 1024);
+            let send = send.clone();
+            let authority: http::uri::Authority = addr.parse()?;
             let op = op.clone();
             let seq = seq.clone();
             tasks.push(tokio::spawn(async move {
@@ -500,12 +601,12 @@ where
                 let mut ok = 0u64;
                 let mut errors: BTreeMap<String, u64> = BTreeMap::new();
                 loop {
+                    let call = op(seq.fetch_add(1, Ordering::Relaxed));
                     let t0 = Instant::now();
                     if t0 >= end {
                         break;
                     }
-                    let n = seq.fetch_add(1, Ordering::Relaxed);
-                    let r = op(client.clone(), n).await;
+                    let r = h2_call(&send, &authority, call).await;
                     let t1 = Instant::now();
                     if t0 >= measure_from && t1 <= end {
                         match r {
@@ -513,10 +614,10 @@ where
                                 ok += 1;
                                 let _ = hist.record((t1 - t0).as_micros() as u64);
                             }
-                            Err(s) => *errors.entry(format!("{:?}", s.code())).or_default() += 1,
+                            Err(s) => *errors.entry(s).or_default() += 1,
                         }
                     } else if let Err(s) = r {
-                        *errors.entry(format!("{:?}", s.code())).or_default() += 1;
+                        *errors.entry(s).or_default() += 1;
                     }
                 }
                 (ok, errors, hist)
@@ -538,7 +639,7 @@ where
         }
     }
     stats.hist = Some(hist);
-    stats
+    Ok(stats)
 }
 
 async fn seed(channels: &[Channel], args: &Args, run: &str) -> Result<Seeded, BoxError> {
@@ -584,113 +685,130 @@ async fn seed(channels: &[Channel], args: &Args, run: &str) -> Result<Seeded, Bo
     Ok(seeded)
 }
 
+/// The path of a UserService method.
+macro_rules! method {
+    ($name:literal) => {
+        concat!("/users.v1.UserService/", $name)
+    };
+}
+
 async fn run_scenario(
     s: Scenario,
-    channels: &[Channel],
+    addr: &str,
     args: &Args,
     seeded: &Arc<Seeded>,
     run: &str,
-) -> Stats {
+) -> Result<Stats, BoxError> {
     match s {
         // One-shot scenarios, run by `run` itself.
         Scenario::Import | Scenario::Stream | Scenario::Groups | Scenario::Watch => {
-            Stats::default()
+            Ok(Stats::default())
         }
         Scenario::Get | Scenario::Ceiling => {
             let seeded = seeded.clone();
-            load(channels, args, move |mut c, _| {
+            let path = method!("GetUser");
+            load(addr, args, move |_| {
                 let name = if seeded.names.is_empty() {
                     format!("{PROJECT}/users/ceiling")
                 } else {
                     seeded.names[fastrand::usize(..seeded.names.len())].clone()
                 };
-                async move { c.get_user(pb::GetUserRequest { name }).await.map(drop) }
+                Call::new(path, &pb::GetUserRequest { name })
             })
             .await
         }
         Scenario::Lookup => {
             let seeded = seeded.clone();
-            load(channels, args, move |mut c, _| {
+            let path = method!("LookupUser");
+            load(addr, args, move |_| {
                 let email = seeded.emails[fastrand::usize(..seeded.emails.len())].clone();
-                async move {
-                    c.lookup_user(pb::LookupUserRequest {
+                Call::new(
+                    path,
+                    &pb::LookupUserRequest {
                         parent: PROJECT.into(),
                         identifier: Some(pb::lookup_user_request::Identifier::Email(email)),
-                    })
-                    .await
-                    .map(drop)
-                }
+                    },
+                )
             })
             .await
         }
         Scenario::Create => {
             let run = run.to_owned();
-            load(channels, args, move |mut c, n| {
+            let path = method!("CreateUser");
+            load(addr, args, move |n| {
                 let user = pb::User {
                     email: format!("new{n}.{run}@bench.example.com"),
                     ..seed_user(&run, n)
                 };
-                async move {
-                    c.create_user(pb::CreateUserRequest {
+                Call::new(
+                    path,
+                    &pb::CreateUserRequest {
                         parent: PROJECT.into(),
                         user: Some(user),
                         ..Default::default()
-                    })
-                    .await
-                    .map(drop)
-                }
+                    },
+                )
             })
             .await
         }
         Scenario::List => {
-            load(channels, args, move |mut c, _| async move {
-                c.list_users(pb::ListUsersRequest {
-                    parent: PROJECT.into(),
-                    page_size: 50,
-                    filter: format!("tags:\"cohort-{}\"", fastrand::u8(..10)),
-                    ..Default::default()
-                })
-                .await
-                .map(drop)
+            let path = method!("ListUsers");
+            load(addr, args, move |_| {
+                Call::new(
+                    path,
+                    &pb::ListUsersRequest {
+                        parent: PROJECT.into(),
+                        page_size: 50,
+                        filter: format!("tags:\"cohort-{}\"", fastrand::u8(..10)),
+                        ..Default::default()
+                    },
+                )
             })
             .await
         }
         Scenario::Search => {
             let n = seeded.names.len().max(1);
-            load(channels, args, move |mut c, _| {
+            let path = method!("SearchUsers");
+            load(addr, args, move |_| {
                 let digits = fastrand::usize(..n).to_string();
                 let query = format!("user{}", &digits[..fastrand::usize(1..=digits.len())]);
-                async move {
-                    c.search_users(pb::SearchUsersRequest {
+                Call::new(
+                    path,
+                    &pb::SearchUsersRequest {
                         parent: PROJECT.into(),
                         query,
                         page_size: 50,
                         ..Default::default()
-                    })
-                    .await
-                    .map(drop)
-                }
+                    },
+                )
             })
             .await
         }
         Scenario::Count => {
-            load(channels, args, move |mut c, _| async move {
-                c.count_users(pb::CountUsersRequest {
-                    parent: PROJECT.into(),
-                    filter: format!("state = ACTIVE AND tags:\"cohort-{}\"", fastrand::u8(..10)),
-                    ..Default::default()
-                })
-                .await
-                .map(drop)
+            let path = method!("CountUsers");
+            load(addr, args, move |_| {
+                Call::new(
+                    path,
+                    &pb::CountUsersRequest {
+                        parent: PROJECT.into(),
+                        filter: format!(
+                            "state = ACTIVE AND tags:\"cohort-{}\"",
+                            fastrand::u8(..10)
+                        ),
+                        ..Default::default()
+                    },
+                )
             })
             .await
         }
         Scenario::Update => {
             let seeded = seeded.clone();
-            load(channels, args, move |mut c, n| {
+            let path = method!("UpdateUser");
+            load(addr, args, move |n| {
                 let name = seeded.names[fastrand::usize(..seeded.names.len())].clone();
-                async move {
-                    c.update_user(pb::UpdateUserRequest {
+                Call::new(
+                    path,
+                    &pb::UpdateUserRequest {
                         user: Some(pb::User {
                             name,
                             display_name: format!("Renamed {n}"),
@@ -700,10 +818,8 @@ async fn run_scenario(
                         update_mask: Some(prost_types::FieldMask {
                             paths: vec!["display_name".into(), "metadata.seen".into()],
                         }),
-                    })
-                    .await
-                    .map(drop)
-                }
+                    },
+                )
             })
             .await
         }
@@ -802,6 +918,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let mut target = server.as_ref().map(|s| s.addr.clone()).unwrap_or(target);
 
     let mut results: Vec<(Scenario, Stats, Option<u64>)> = Vec::new();
+    let mut h2load_rates: Vec<(Scenario, f64)> = Vec::new();
     let mut all_ok = true;
     for &s in &args.scenarios {
         if s == Scenario::Groups {
@@ -895,8 +1012,40 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         if let Some(pid) = pid {
             reset_peak(pid);
         }
-        let channels = channels_to(&addr, args.connections).await?;
-        let stats = run_scenario(s, &channels, &args, &seeded, &run_id).await;
+        let stats = run_scenario(s, &addr, &args, &seeded, &run_id).await?;
+        // The same load from h2load, one fixed request (it cannot vary them).
+        let fixed = match s {
+            Scenario::Ceiling => Some(Call::new(
+                method!("GetUser"),
+                &pb::GetUserRequest {
+                    name: format!("{PROJECT}/users/ceiling"),
+                },
+            )),
+            Scenario::Get => seeded.names.first().map(|name| {
+                Call::new(
+                    method!("GetUser"),
+                    &pb::GetUserRequest { name: name.clone() },
+                )
+            }),
+            Scenario::Lookup => seeded.emails.first().map(|email| {
+                Call::new(
+                    method!("LookupUser"),
+                    &pb::LookupUserRequest {
+                        parent: PROJECT.into(),
+                        identifier: Some(pb::lookup_user_request::Identifier::Email(email.clone())),
+                    },
+                )
+            }),
+            _ => None,
+        };
+        if let Some(call) = fixed.filter(|_| !args.no_h2load) {
+            let rps = h2load(&addr, &args, &call, dir.path())?;
+            println!(
+                "{:<8} {rps:>9.0} req/s  (h2load, one fixed request)",
+                format!("{s:?}").to_lowercase(),
+            );
+            h2load_rates.push((s, rps));
+        }
         let peak = pid.and_then(|p| proc_kib(p, "VmHWM:"));
         // Mapped database pages count in RSS but are the kernel's page cache;
         // the anonymous part is the server's own memory.
@@ -934,7 +1083,56 @@ async fn run(args: Args) -> Result<bool, BoxError> {
             }
         }
     }
+    if let Some((_, c)) = h2load_rates.iter().find(|(s, _)| *s == Scenario::Ceiling) {
+        println!("\nratios to h2load's ceiling of this run ({c:.0} req/s), {engine}:");
+        for (s, rps) in &h2load_rates {
+            if *s != Scenario::Ceiling {
+                println!("  {:<8} {:.2}x", format!("{s:?}").to_lowercase(), rps / c);
+            }
+        }
+        if let Some((_, mine, _)) = results.iter().find(|(s, _, _)| *s == Scenario::Ceiling) {
+            println!(
+                "  user-bench's own ceiling / h2load's: {:.2}x (the generator is not the \
+                 bottleneck while this stays near 1)",
+                mine.rps() / c
+            );
+        }
+    }
     Ok(all_ok)
+}
+
+/// Runs h2load (Debian's nghttp2-client) with this run's connections,
+/// streams, warm-up and duration, sending `call` every time; its requests/s.
+fn h2load(addr: &str, args: &Args, call: &Call, dir: &std::path::Path) -> Result<f64, BoxError> {
+    let body = dir.join("h2load-request.bin");
+    std::fs::write(&body, &call.body)?;
+    let out = Command::new("h2load")
+        .args(["-t", "1"])
+        .args(["-c", &args.connections.to_string()])
+        .args(["-m", &args.in_flight.to_string()])
+        .args(["-D", &args.duration.as_secs().max(1).to_string()])
+        .args(["--warm-up-time", &args.warmup.as_secs().to_string()])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(&body)
+        .arg(format!("http://{addr}{}", call.path))
+        .output()
+        .map_err(|e| format!("h2load (apt-get install nghttp2-client, or --no-h2load): {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "finished in 10.00s, 117603.75 req/s, 27.70MB/s"
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.trim_end_matches(" req/s").parse::<f64>().ok())
+        .ok_or_else(|| format!("h2load printed no rate: {text}"))?;
+    let failed = text
+        .lines()
+        .any(|l| l.starts_with("requests:") && !l.contains(" 0 failed"));
+    if failed || !out.status.success() {
+        return Err(format!("h2load reported failures: {text}").into());
+    }
+    Ok(rps)
 }
 
 /// The trivial UserService of the ceiling scenario.

@@ -10,8 +10,8 @@ pub use events::RelayLease;
 mod groups;
 mod idempotency;
 pub mod nodelay;
+mod point_read;
 mod query;
-mod read_batch;
 mod saves;
 mod sqlite_read;
 mod terms;
@@ -22,8 +22,7 @@ use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx;
 use sea_orm::{
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
-    DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QuerySelect, QueryTrait, Statement,
-    TransactionTrait,
+    DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QuerySelect, Statement, TransactionTrait,
 };
 use tracing::{debug, instrument};
 
@@ -40,9 +39,9 @@ use entity::{request_ids, users};
 pub(crate) use errors::db_error;
 use events::Outbox;
 pub(crate) use idempotency::{claim_key, encode_response, find_request, find_request_users};
+use point_read::{Executor, PointReads};
 use query::Plan;
-use read_batch::ReadBatcher;
-use sqlite_read::{LookupColumn, SqliteReaders};
+use sqlite_read::SqliteReaders;
 
 /// How long an idempotency key is remembered.
 const REQUEST_ID_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -132,23 +131,27 @@ pub struct SeaOrmRepository {
     creates: Batcher,
     /// Group commit of conditional single-user writes (see `saves`).
     saves: saves::Saver,
-    /// SQLite only: inline point reads (see `sqlite_read`).
+    /// SQLite only: lists, searches and counts (see `sqlite_read`).
     readers: Option<Arc<SqliteReaders>>,
     /// SQLite only: connections for exports, without a memory map, so that
     /// reading the whole table leaves the process's memory flat.
     scan_readers: Option<Arc<SqliteReaders>>,
-    /// SQLite: GetUser and LookupUser only, so that slow lists and counts
-    /// never keep a point read waiting.
+    /// GetUser and LookupUser (see `point_read`); on SQLite on reader
+    /// threads of their own, so that slow lists and counts never keep a
+    /// point read waiting.
+    points: PointReads,
+    /// The point readers' threads, for the in-use gauge.
     point_readers: Option<Arc<SqliteReaders>>,
     /// Lists, searches, counts and export batches running at once: at most
     /// half the pool, so that point reads and writes always find a
     /// connection however many slow queries are asked for.
     heavy: Arc<tokio::sync::Semaphore>,
-    /// PostgreSQL only: batched point reads (see `read_batch`).
-    batched_reads: Option<ReadBatcher>,
     /// Every write appends its change events through this.
     outbox: Arc<Outbox>,
 }
+
+/// Tasks batching GetUser and LookupUser calls (see `point_read`).
+const POINT_BATCHERS: usize = 4;
 
 impl SeaOrmRepository {
     /// Wraps a pool; starts the group-commit writers for CreateUser (must run
@@ -162,17 +165,16 @@ impl SeaOrmRepository {
         let outbox = Outbox::new(encode);
         let creates = Batcher::start(db.clone(), writers, outbox.clone());
         let saves = saves::Saver::start(db.clone(), writers, outbox.clone());
-        let batched_reads = (db.get_database_backend() == DatabaseBackend::Postgres)
-            .then(|| ReadBatcher::start(db.clone(), 4));
+        let points = PointReads::start(Executor::new(db.clone(), None), POINT_BATCHERS);
         Self {
             db,
             creates,
             saves,
             readers: None,
             scan_readers: None,
+            points,
             point_readers: None,
             heavy: Arc::new(tokio::sync::Semaphore::new(4)),
-            batched_reads,
             outbox,
         }
     }
@@ -190,6 +192,10 @@ impl SeaOrmRepository {
     pub fn with_sqlite_readers(mut self, url: &str) -> Self {
         if self.db.get_database_backend() == DatabaseBackend::Sqlite {
             self.point_readers = SqliteReaders::open(url, 4, true).map(Arc::new);
+            if self.point_readers.is_some() {
+                let executor = Executor::new(self.db.clone(), self.point_readers.clone());
+                self.points = PointReads::start(executor, POINT_BATCHERS);
+            }
             self.readers = SqliteReaders::open(url, 4, true).map(Arc::new);
             self.scan_readers = SqliteReaders::open(url, 2, false).map(Arc::new);
         }
@@ -213,21 +219,6 @@ async fn next_batch<T>(
         }
     }
     Some(batch)
-}
-
-/// LookupUser's query; the inline SQLite readers and the PostgreSQL read
-/// batches run the same WHERE clause.
-fn lookup_select(project: &ProjectId, identity: &Identity) -> sea_orm::Select<users::Entity> {
-    let cond = match identity {
-        Identity::Email(e) => users::Column::EmailKey.eq(e.key()),
-        Identity::PhoneNumber(p) => users::Column::PhoneNumber.eq(p.as_str()),
-        Identity::Username(u) => users::Column::Username.eq(u.as_str()),
-        Identity::ExternalId(x) => users::Column::ExternalId.eq(x.as_str()),
-    };
-    users::Entity::find()
-        .filter(users::Column::Project.eq(project.as_str()))
-        .filter(users::Column::DeleteTime.is_null())
-        .filter(cond)
 }
 
 /// The identifier of `user` that another row holds, by a fixed priority
@@ -417,14 +408,72 @@ impl SeaOrmRepository {
         ])
     }
 
-    /// As `explain_list`, for LookupUser.
-    pub async fn explain_lookup(
+    /// As `explain_list`, for GetUser (`identity` None, by `id`) and
+    /// LookupUser: the point-read statement production runs, with one probe
+    /// and with the largest batch. On PostgreSQL the plan shown is the
+    /// generic one, which a prepared statement may switch to after a few
+    /// runs.
+    pub async fn explain_point_read(
         &self,
         project: &ProjectId,
-        identity: &Identity,
+        id: &UserId,
+        identity: Option<&Identity>,
     ) -> Result<Vec<(String, Vec<String>)>, DomainError> {
-        let stmt = lookup_select(project, identity).build(self.db.get_database_backend());
-        Ok(vec![self.explain(stmt).await?])
+        let (key, value) = match identity {
+            Some(identity) => point_read::Key::of_identity(identity),
+            None => (point_read::Key::Id, id.as_str().to_owned()),
+        };
+        let backend = self.db.get_database_backend();
+        let mut out = Vec::new();
+        for n in [1, point_read::SIZES[point_read::SIZES.len() - 1]] {
+            let values: Vec<String> = (0..n).map(|_| value.clone()).collect();
+            let stmt = point_read::statement(backend, project.as_str(), key, &values);
+            out.push(match backend {
+                DatabaseBackend::Postgres => self.explain_generic(stmt).await?,
+                _ => self.explain(stmt).await?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// PostgreSQL's generic plan of a statement whose bound values are all
+    /// strings, as `explain` gives it.
+    async fn explain_generic(&self, stmt: Statement) -> Result<(String, Vec<String>), DomainError> {
+        let literals: Vec<String> = stmt
+            .values
+            .iter()
+            .flat_map(|v| v.0.iter())
+            .map(|v| match v {
+                sea_orm::Value::String(Some(s)) => Ok(format!("'{}'", s.replace('\'', "''"))),
+                other => Err(DomainError::Internal(format!("cannot quote {other:?}"))),
+            })
+            .collect::<Result<_, _>>()?;
+        let txn = self.db.begin().await.map_err(db_error)?;
+        txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+            .await
+            .map_err(db_error)?;
+        txn.execute_unprepared(&format!("PREPARE explained_point_read AS {}", stmt.sql))
+            .await
+            .map_err(db_error)?;
+        let rows = txn
+            .query_all_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                format!(
+                    "EXPLAIN EXECUTE explained_point_read({})",
+                    literals.join(", ")
+                ),
+            ))
+            .await
+            .map_err(db_error)?;
+        txn.execute_unprepared("DEALLOCATE explained_point_read")
+            .await
+            .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        let lines = rows
+            .iter()
+            .map(|r| r.try_get::<String>("", "QUERY PLAN").map_err(db_error))
+            .collect::<Result<_, _>>()?;
+        Ok((stmt.sql, lines))
     }
 
     async fn explain(&self, stmt: Statement) -> Result<(String, Vec<String>), DomainError> {
@@ -525,27 +574,9 @@ impl UserRepository for SeaOrmRepository {
 
     #[instrument(skip_all, fields(project = %project))]
     async fn get(&self, project: &ProjectId, id: &UserId) -> Result<Option<User>, DomainError> {
-        if let Some(r) = &self.point_readers {
-            match r.get(project.as_str(), id.as_str()).await {
-                Ok(found) => return found.map(from_model).transpose(),
-                Err(e) => debug!(error = %e, "inline read failed; using the pool"),
-            }
-        }
-        if let Some(b) = &self.batched_reads {
-            return b
-                .read(
-                    project.as_str(),
-                    read_batch::Key::Id,
-                    id.as_str().to_owned(),
-                )
-                .await?
-                .map(from_model)
-                .transpose();
-        }
-        users::Entity::find_by_id((project.as_str().to_owned(), id.as_str().to_owned()))
-            .one(&self.db)
-            .await
-            .map_err(db_error)?
+        self.points
+            .get(project, id)
+            .await?
             .map(from_model)
             .transpose()
     }
@@ -556,29 +587,9 @@ impl UserRepository for SeaOrmRepository {
         project: &ProjectId,
         identity: &Identity,
     ) -> Result<Option<User>, DomainError> {
-        let (column, value) = match identity {
-            Identity::Email(e) => (LookupColumn::EmailKey, e.key()),
-            Identity::PhoneNumber(p) => (LookupColumn::PhoneNumber, p.as_str().to_owned()),
-            Identity::Username(u) => (LookupColumn::Username, u.as_str().to_owned()),
-            Identity::ExternalId(x) => (LookupColumn::ExternalId, x.as_str().to_owned()),
-        };
-        if let Some(r) = &self.point_readers {
-            match r.lookup(project.as_str(), column, &value).await {
-                Ok(found) => return found.map(from_model).transpose(),
-                Err(e) => debug!(error = %e, "inline read failed; using the pool"),
-            }
-        }
-        if let Some(b) = &self.batched_reads {
-            return b
-                .read(project.as_str(), read_batch::Key::Live(column), value)
-                .await?
-                .map(from_model)
-                .transpose();
-        }
-        lookup_select(project, identity)
-            .one(&self.db)
-            .await
-            .map_err(db_error)?
+        self.points
+            .lookup(project, identity)
+            .await?
             .map(from_model)
             .transpose()
     }

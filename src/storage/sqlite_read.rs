@@ -3,19 +3,18 @@
 //! sqlx runs every SQLite connection on a worker thread of its own and hands
 //! each statement and each row across threads; a profile of GetUser showed
 //! most of the server's CPU in those hand-offs (futex wake/wait, channel
-//! traffic), not in SQLite. Reads instead take a read-only connection to the
+//! traffic), not in SQLite. Reads instead run on read-only connections to the
 //! same file (WAL mode: readers never wait for the writer) with cached
-//! prepared statements, and run on tokio's blocking pool: never on an async
-//! worker, and a caller waits for a free connection asynchronously. A call
+//! prepared statements, each owned by a reader thread of its own: never on
+//! an async worker, and a caller waits for its answer asynchronously. A call
 //! that is cancelled (the client went away, its deadline passed) interrupts
 //! its statement. Writes stay on sea-orm.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, InterruptHandle, OpenFlags, OptionalExtension, Row};
-use tokio::sync::Semaphore;
+use rusqlite::{Connection, InterruptHandle, OpenFlags, Row};
 
 use super::entity::users;
 
@@ -26,37 +25,25 @@ pub(crate) const COLUMNS: &str = "project, user_id, email, email_key, email_veri
     picture_uri, addresses, bio, note, tags, roles, metadata, custom_data, last_login_time, \
     state, pre_delete_state, create_time, update_time, delete_time, purge_time, revision";
 
-/// Which live identity a lookup compares.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum LookupColumn {
-    EmailKey,
-    PhoneNumber,
-    Username,
-    ExternalId,
-}
-
-impl LookupColumn {
-    pub(crate) fn column(self) -> &'static str {
-        match self {
-            LookupColumn::EmailKey => "email_key",
-            LookupColumn::PhoneNumber => "phone_number",
-            LookupColumn::Username => "username",
-            LookupColumn::ExternalId => "external_id",
-        }
-    }
-}
-
-/// A few read-only connections, handed out one call at a time.
+/// A few read-only connections, each owned by a thread of its own that
+/// runs the reads queued to it.
+///
+/// A profile of GetUser with one `spawn_blocking` per read showed the
+/// server's time in thread hand-offs (a futex wake and a context switch for
+/// every read, both ways), not in SQLite. A reader thread that finds the
+/// queue non-empty takes the next read without sleeping, so under load the
+/// hand-off costs a queue push; the async caller only awaits its reply.
 pub(crate) struct SqliteReaders {
-    free: Mutex<Vec<Connection>>,
-    /// One permit per connection in `free`: waiting for one is async.
-    permits: Semaphore,
-    size: usize,
+    jobs: flume::Sender<Job>,
+    /// Reads running now (for the readers-in-use gauge).
+    busy: Arc<AtomicUsize>,
 }
 
-/// The interrupt handle of a connection while one call uses it; the call
-/// takes it out (under the lock) before the connection goes back, so a late
-/// interrupt never reaches the next call's statement.
+type Job = Box<dyn FnOnce(&Connection) + Send>;
+
+/// The interrupt handle of a connection while one call's read runs on it;
+/// taken out (under the lock) when the read ends, so a late interrupt never
+/// reaches the next read.
 type Interrupt = Arc<Mutex<Option<InterruptHandle>>>;
 
 /// Stops the work of a call that is dropped before it finished: marks it
@@ -71,49 +58,24 @@ struct InterruptOnDrop {
 impl Drop for InterruptOnDrop {
     fn drop(&mut self) {
         self.cancelled.store(true, Ordering::Relaxed);
-        if let Some(h) = self
-            .interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(h) = lock(&self.interrupt).as_ref() {
             h.interrupt();
         }
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// SQLite virtual-machine steps between two looks at the cancel flag.
 const PROGRESS_STEPS: i32 = 10_000;
 
-/// A borrowed connection: goes back to the pool (with its permit) however
-/// the call ends, panics included.
-struct Lent {
-    conn: Option<Connection>,
-    pool: Arc<SqliteReaders>,
-    interrupt: Interrupt,
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        self.interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(c) = self.conn.take() {
-            self.pool
-                .free
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(c);
-            self.pool.permits.add_permits(1);
-        }
-    }
-}
-
 impl SqliteReaders {
-    /// Opens `n` read-only connections to the database of a sqlite:// URL;
-    /// `None` for in-memory databases or anything that cannot be opened (the
-    /// sea-orm path then serves every read).
+    /// Opens `n` read-only connections to the database of a sqlite:// URL,
+    /// each with its reader thread; `None` for in-memory databases or
+    /// anything that cannot be opened (the sea-orm path then serves every
+    /// read).
     /// `mmap`: map the file (fast point reads, but every page a scan
     /// touches then counts in the process's RSS).
     pub(crate) fn open(url: &str, n: usize, mmap: bool) -> Option<Self> {
@@ -139,100 +101,71 @@ impl SqliteReaders {
             c.set_prepared_statement_cache_capacity(16);
             conns.push(c);
         }
+        let (jobs, queue) = flume::unbounded::<Job>();
+        for conn in conns {
+            let queue = queue.clone();
+            // The thread ends when the last sender (this pool) is dropped.
+            std::thread::Builder::new()
+                .name("sqlite-reader".into())
+                .spawn(move || {
+                    while let Ok(job) = queue.recv() {
+                        job(&conn);
+                    }
+                })
+                .ok()?;
+        }
         Some(Self {
-            permits: Semaphore::new(conns.len()),
-            size: conns.len(),
-            free: Mutex::new(conns),
+            jobs,
+            busy: Arc::new(AtomicUsize::new(0)),
         })
     }
 
-    /// Connections lent out now.
+    /// Reads running now.
     pub(crate) fn in_use(&self) -> usize {
-        self.size.saturating_sub(self.permits.available_permits())
+        self.busy.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` on a free connection, on the blocking pool. Waiting for a
-    /// connection is async; dropping the returned future interrupts `f`'s
-    /// statement.
+    /// Runs `f` on the next free reader thread's connection; the caller
+    /// waits asynchronously. Dropping the returned future interrupts `f`'s
+    /// statement, or skips it if it has not started.
     async fn with<T: Send + 'static>(
-        self: &Arc<Self>,
+        &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> rusqlite::Result<T> {
-        let closed = || rusqlite::Error::InvalidParameterName("reader pool closed".into());
-        let permit = self.permits.acquire().await.map_err(|_| closed())?;
-        let conn = self
-            .free
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .ok_or_else(closed)?;
-        let interrupt: Interrupt = Arc::new(Mutex::new(Some(conn.get_interrupt_handle())));
+        let failed = |m: &str| rusqlite::Error::InvalidParameterName(m.into());
+        let interrupt: Interrupt = Arc::new(Mutex::new(None));
         let cancelled = Arc::new(AtomicBool::new(false));
         let _guard = InterruptOnDrop {
             interrupt: interrupt.clone(),
             cancelled: cancelled.clone(),
         };
-        let lent = Lent {
-            conn: Some(conn),
-            pool: self.clone(),
-            interrupt,
-        };
-        // The permit travels with the connection: `Lent` gives it back.
-        permit.forget();
-        tokio::task::spawn_blocking(move || {
-            let conn = lent.conn.as_ref().ok_or_else(closed)?;
-            let stop = || {
-                rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERRUPT),
-                    Some("the call was cancelled".into()),
-                )
-            };
-            if cancelled.load(Ordering::Relaxed) {
-                return Err(stop());
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let busy = self.busy.clone();
+        let job: Job = Box::new(move |conn: &Connection| {
+            if cancelled.load(Ordering::Relaxed) || reply.is_closed() {
+                return;
             }
+            *lock(&interrupt) = Some(conn.get_interrupt_handle());
+            busy.fetch_add(1, Ordering::Relaxed);
             let flag = cancelled.clone();
-            conn.progress_handler(PROGRESS_STEPS, Some(move || flag.load(Ordering::Relaxed)))?;
-            let out = f(conn);
-            conn.progress_handler(0, None::<fn() -> bool>)?;
-            out
-        })
-        .await
-        .map_err(|e| rusqlite::Error::InvalidParameterName(format!("reader task: {e}")))?
-    }
-
-    pub(crate) async fn get(
-        self: &Arc<Self>,
-        project: &str,
-        user_id: &str,
-    ) -> rusqlite::Result<Option<users::Model>> {
-        let (project, user_id) = (project.to_owned(), user_id.to_owned());
-        self.with(move |c| {
-            c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM users WHERE project = ?1 AND user_id = ?2"
-            ))?
-            .query_row((project, user_id), model)
-            .optional()
-        })
-        .await
-    }
-
-    pub(crate) async fn lookup(
-        self: &Arc<Self>,
-        project: &str,
-        column: LookupColumn,
-        value: &str,
-    ) -> rusqlite::Result<Option<users::Model>> {
-        let column = column.column();
-        let (project, value) = (project.to_owned(), value.to_owned());
-        self.with(move |c| {
-            c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM users \
-                 WHERE project = ?1 AND {column} = ?2 AND delete_time IS NULL"
-            ))?
-            .query_row((project, value), model)
-            .optional()
-        })
-        .await
+            let out = conn
+                .progress_handler(PROGRESS_STEPS, Some(move || flag.load(Ordering::Relaxed)))
+                .and_then(|()| {
+                    // A panic in `f` fails this read, not the reader thread.
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn)))
+                        .unwrap_or_else(|_| Err(failed("the read panicked")))
+                });
+            let _ = conn.progress_handler(0, None::<fn() -> bool>);
+            lock(&interrupt).take();
+            busy.fetch_sub(1, Ordering::Relaxed);
+            let _ = reply.send(out);
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| failed("reader pool closed"))?;
+        answer
+            .await
+            .map_err(|_| failed("the reader thread stopped"))?
     }
 }
 
@@ -240,7 +173,7 @@ impl SqliteReaders {
     /// Runs a SELECT built for SQLite whose columns are those of
     /// `users::Model`, in order (lists and searches).
     pub(crate) async fn users(
-        self: &Arc<Self>,
+        &self,
         stmt: &sea_orm::Statement,
     ) -> rusqlite::Result<Vec<users::Model>> {
         let params = params(stmt)?;
@@ -254,10 +187,7 @@ impl SqliteReaders {
     }
 
     /// Runs a SELECT of one integer column `n` (counts).
-    pub(crate) async fn number(
-        self: &Arc<Self>,
-        stmt: &sea_orm::Statement,
-    ) -> rusqlite::Result<i64> {
+    pub(crate) async fn number(&self, stmt: &sea_orm::Statement) -> rusqlite::Result<i64> {
         let params = params(stmt)?;
         let sql = stmt.sql.clone();
         self.with(move |c| {

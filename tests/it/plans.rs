@@ -1,6 +1,6 @@
 //! The engines' plans for the hot queries at scale: with many users in one
 //! project (and others beside it), no ListUsers/SearchUsers page, CountUsers
-//! or LookupUser may read the users table (or the terms) from end to end, and
+//! GetUser or LookupUser may read the users table (or the terms) from end to end, and
 //! the pages that have an index in their order may not sort.
 //!
 //! The users are written with SQL (a generated series), which takes seconds
@@ -13,7 +13,7 @@
 
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection};
 use user_service::domain::query::SortValue;
-use user_service::domain::{Cursor, Email, Identity, ProjectId, UserQuery};
+use user_service::domain::{Cursor, Email, Identity, ProjectId, UserId, UserQuery};
 use user_service::storage::{self, SeaOrmRepository};
 
 use crate::both_engines;
@@ -340,9 +340,18 @@ async fn hot_queries_use_indexes_at_scale(e: Engine) {
         let plan = repo.explain_count(&q).await.expect(what);
         problems.extend(check(what, NoScan, &plan));
     }
+    // GetUser and LookupUser: the statement production runs, alone and as
+    // the largest batch (PostgreSQL: its generic plan).
     let email = Email::parse("user777@beta.example").expect("email");
+    let id = UserId::parse("u777").expect("id");
     let plan = repo
-        .explain_lookup(&project, &Identity::Email(email))
+        .explain_point_read(&project, &id, None)
+        .await
+        .expect("get");
+    assert_eq!(plan.len(), 2, "one probe and the largest batch");
+    problems.extend(check("get by id", NoScan, &plan));
+    let plan = repo
+        .explain_point_read(&project, &id, Some(&Identity::Email(email)))
         .await
         .expect("lookup");
     problems.extend(check("lookup by email", NoScan, &plan));
