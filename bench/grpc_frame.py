@@ -4,6 +4,7 @@
 Only what the benches need, encoded by hand (strings and nested messages):
   grpc_frame.py get NAME                 -> GetUserRequest{name}
   grpc_frame.py create PARENT ID EMAIL   -> CreateUserRequest{parent, user{email}, user_id}
+  grpc_frame.py lookup PARENT EMAIL      -> LookupUserRequest{parent, email}
 """
 import struct
 import sys
@@ -32,6 +33,9 @@ def main():
     elif kind == "create":
         parent, user_id, email = args
         msg = field(1, parent.encode()) + field(2, field(2, email.encode())) + field(3, user_id.encode())
+    elif kind == "lookup":
+        parent, email = args
+        msg = field(1, parent.encode()) + field(2, email.encode())
     else:
         sys.exit(f"unknown message kind {kind}")
     sys.stdout.buffer.write(b"\x00" + struct.pack(">I", len(msg)) + msg)

@@ -224,11 +224,13 @@ pub struct Settings {
 
     /// Most calls waiting for one of the --max-in-flight slots; a call that
     /// finds the queue full, or waits longer than --max-queue-wait, is
-    /// refused at once with RESOURCE_EXHAUSTED (reason OVERLOADED).
+    /// refused at once with RESOURCE_EXHAUSTED (reason OVERLOADED). A waiting
+    /// call costs a few hundred bytes; the default lets 4 connections x 32
+    /// streams queue without a refusal.
     #[arg(
         long,
         env = "USER_SERVICE_MAX_QUEUED_CALLS",
-        default_value_t = 64,
+        default_value_t = 256,
         global = true
     )]
     pub max_queued_calls: u32,

@@ -436,17 +436,14 @@ impl SeaOrmRepository {
         Ok(out)
     }
 
-    /// PostgreSQL's generic plan of a statement whose bound values are all
-    /// strings, as `explain` gives it.
+    /// PostgreSQL's generic plan of a statement whose bound values are
+    /// strings or arrays of strings, as `explain` gives it.
     async fn explain_generic(&self, stmt: Statement) -> Result<(String, Vec<String>), DomainError> {
         let literals: Vec<String> = stmt
             .values
             .iter()
             .flat_map(|v| v.0.iter())
-            .map(|v| match v {
-                sea_orm::Value::String(Some(s)) => Ok(format!("'{}'", s.replace('\'', "''"))),
-                other => Err(DomainError::Internal(format!("cannot quote {other:?}"))),
-            })
+            .map(literal)
             .collect::<Result<_, _>>()?;
         let txn = self.db.begin().await.map_err(db_error)?;
         txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
@@ -498,6 +495,22 @@ impl SeaOrmRepository {
             lines.push(line);
         }
         Ok((sql, lines))
+    }
+}
+
+/// A string, or an array of strings, as a PostgreSQL literal.
+fn literal(v: &sea_orm::Value) -> Result<String, DomainError> {
+    match v {
+        sea_orm::Value::String(Some(s)) => Ok(format!("'{}'", s.replace('\'', "''"))),
+        sea_orm::Value::Array(_, Some(items)) => Ok(format!(
+            "ARRAY[{}]::text[]",
+            items
+                .iter()
+                .map(literal)
+                .collect::<Result<Vec<_>, _>>()?
+                .join(", ")
+        )),
+        other => Err(DomainError::Internal(format!("cannot quote {other:?}"))),
     }
 }
 

@@ -1,16 +1,22 @@
 //! Point reads: GetUser (a row by primary key, soft-deleted rows included)
-//! and LookupUser (the row holding a live identity). Each is one statement,
-//! defined once here for both engines, and every read runs it:
+//! and LookupUser (the row holding a live identity). The statement reading a
+//! batch of values of one key is defined once here, with the form each
+//! engine runs best, and every read runs it:
 //!
-//! `SELECT … FROM users WHERE project = $1 AND <key> = $2 [AND delete_time
-//! IS NULL] UNION ALL … WHERE project = $1 AND <key> = $3 …`
-//!
-//! one single-value probe per value, padded to one of a few fixed sizes so
-//! that each text is prepared once per connection. The single-value form
-//! always uses the index: `= ANY($2)` would be shorter, but on the partial
-//! unique indexes PostgreSQL's generic plan for it degrades to a scan of the
-//! whole project while the table's statistics are stale (right after a bulk
-//! load, say).
+//! - PostgreSQL: `SELECT u.* FROM unnest($2::text[]) AS k(v), LATERAL
+//!   (SELECT … FROM users WHERE project = $1 AND <key> = k.v [AND
+//!   delete_time IS NULL] OFFSET 0) u`: one text whatever the batch size
+//!   (prepared once per connection, planned once), and one index probe per
+//!   value. `OFFSET 0` keeps the subquery from being flattened into a join,
+//!   so each probe is a single-value comparison, which always uses the
+//!   index: `<key> = ANY($2)` on the partial unique indexes degrades to a
+//!   scan of the whole project in PostgreSQL's generic plan while the
+//!   table's statistics are stale (right after a bulk load, say). A
+//!   `UNION ALL` of single-value probes, measured too, spent most of the
+//!   backend's time planning and starting 32 branches.
+//! - SQLite: a `UNION ALL` of single-value probes (`?1` the project), padded
+//!   to one of a few fixed sizes so that each text is prepared once per
+//!   connection.
 //!
 //! Concurrent reads are queued to a few batcher tasks; each takes what is
 //! waiting (up to `MAX_BATCH`, never waiting for more) and answers every
@@ -97,28 +103,29 @@ impl Key {
 }
 
 /// The text of the statement reading `n` values of `key` (`n` one of
-/// `SIZES`), in each engine's placeholder style.
+/// `SIZES`; PostgreSQL's text is the same for every `n`).
 fn build_sql(backend: DatabaseBackend, key: Key, n: usize) -> String {
-    let mark = |i: usize| match backend {
-        DatabaseBackend::Postgres => format!("${i}"),
-        _ => format!("?{i}"),
-    };
     let live = if matches!(key, Key::Live(_)) {
         " AND delete_time IS NULL"
     } else {
         ""
     };
     let col = key.column();
-    (0..n)
-        .map(|i| {
-            format!(
-                "SELECT {COLUMNS} FROM users WHERE project = {} AND {col} = {}{live}",
-                mark(1),
-                mark(i + 2)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ")
+    match backend {
+        DatabaseBackend::Postgres => format!(
+            "SELECT u.* FROM unnest($2::text[]) AS k(v), LATERAL (SELECT {COLUMNS} FROM users \
+             WHERE project = $1 AND {col} = k.v{live} OFFSET 0) u"
+        ),
+        _ => (0..n)
+            .map(|i| {
+                format!(
+                    "SELECT {COLUMNS} FROM users WHERE project = ?1 AND {col} = ?{}{live}",
+                    i + 2
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL "),
+    }
 }
 
 /// Every statement text, built once: by engine, key and size.
@@ -138,8 +145,8 @@ static TEXTS: LazyLock<HashMap<(bool, Key, usize), String>> = LazyLock::new(|| {
 });
 
 /// The statement reading `values` (at most the largest of `SIZES`) of `key`
-/// in `project`; padding repeats the last value (duplicate rows are
-/// harmless).
+/// in `project`. On SQLite padding repeats the last value (duplicate rows
+/// are harmless); PostgreSQL takes the values as one array.
 pub(crate) fn statement(
     backend: DatabaseBackend,
     project: &str,
@@ -150,10 +157,15 @@ pub(crate) fn statement(
         .into_iter()
         .find(|s| *s >= values.len())
         .unwrap_or(SIZES[SIZES.len() - 1]);
-    let sql = TEXTS[&(backend == DatabaseBackend::Postgres, key, n)].clone();
+    let pg = backend == DatabaseBackend::Postgres;
+    let sql = TEXTS[&(pg, key, n)].clone();
     let mut params = Vec::with_capacity(n + 1);
     params.push(Value::from(project));
-    params.extend((0..n).map(|i| Value::from(values[i.min(values.len() - 1)].as_str())));
+    if pg {
+        params.push(Value::from(values.to_vec()));
+    } else {
+        params.extend((0..n).map(|i| Value::from(values[i.min(values.len() - 1)].as_str())));
+    }
     Statement::from_sql_and_values(backend, sql, params)
 }
 
@@ -270,7 +282,12 @@ async fn batcher(executor: Executor, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             values.dedup();
             let mut found: HashMap<String, users::Model> = HashMap::new();
             let mut failed = None;
-            for chunk in values.chunks(SIZES[SIZES.len() - 1]) {
+            // PostgreSQL takes the whole batch as one array.
+            let per_statement = match backend {
+                DatabaseBackend::Postgres => MAX_BATCH,
+                _ => SIZES[SIZES.len() - 1],
+            };
+            for chunk in values.chunks(per_statement) {
                 match executor.run(statement(backend, &project, key, chunk)).await {
                     Ok(rows) => {
                         for m in rows {
@@ -315,7 +332,8 @@ fn for_caller(e: &DomainError) -> DomainError {
 mod tests {
     use super::*;
 
-    /// Padding repeats the last value, and the text has one probe per slot.
+    /// SQLite: padding repeats the last value, and the text has one probe per
+    /// slot.
     #[test]
     fn statements_are_padded_to_a_fixed_size() {
         let values: Vec<String> = (0..3).map(|i| format!("v{i}")).collect();
@@ -325,11 +343,14 @@ mod tests {
         assert_eq!(bound.len(), 5);
         assert_eq!(bound[4], Value::from("v2"));
         let s = statement(
-            DatabaseBackend::Postgres,
+            DatabaseBackend::Sqlite,
             "p",
             Key::Live(LookupColumn::EmailKey),
             &values[..1],
         );
-        assert!(s.sql.ends_with("email_key = $2 AND delete_time IS NULL"));
+        assert!(s.sql.ends_with("email_key = ?2 AND delete_time IS NULL"));
+        // PostgreSQL: one text, the values as one array.
+        let s = statement(DatabaseBackend::Postgres, "p", Key::Id, &values);
+        assert_eq!(s.values.expect("values").0.len(), 2);
     }
 }
