@@ -445,24 +445,24 @@ impl SeaOrmRepository {
             .flat_map(|v| v.0.iter())
             .map(literal)
             .collect::<Result<_, _>>()?;
+        // PREPARE outlives a rollback: a name of its own per call, so that
+        // one left behind by a failure never collides with the next.
+        let name = format!("explained_{}", uuid::Uuid::now_v7().simple());
         let txn = self.db.begin().await.map_err(db_error)?;
         txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
             .await
             .map_err(db_error)?;
-        txn.execute_unprepared(&format!("PREPARE explained_point_read AS {}", stmt.sql))
+        txn.execute_unprepared(&format!("PREPARE {name} AS {}", stmt.sql))
             .await
             .map_err(db_error)?;
         let rows = txn
             .query_all_raw(Statement::from_string(
                 DatabaseBackend::Postgres,
-                format!(
-                    "EXPLAIN EXECUTE explained_point_read({})",
-                    literals.join(", ")
-                ),
+                format!("EXPLAIN EXECUTE {name}({})", literals.join(", ")),
             ))
             .await
             .map_err(db_error)?;
-        txn.execute_unprepared("DEALLOCATE explained_point_read")
+        txn.execute_unprepared(&format!("DEALLOCATE {name}"))
             .await
             .map_err(db_error)?;
         txn.commit().await.map_err(db_error)?;
@@ -501,7 +501,10 @@ impl SeaOrmRepository {
 /// A string, or an array of strings, as a PostgreSQL literal.
 fn literal(v: &sea_orm::Value) -> Result<String, DomainError> {
     match v {
-        sea_orm::Value::String(Some(s)) => Ok(format!("'{}'", s.replace('\'', "''"))),
+        sea_orm::Value::String(Some(s)) => Ok(format!(
+            "E'{}'",
+            s.replace('\\', "\\\\").replace('\'', "''")
+        )),
         sea_orm::Value::Array(_, Some(items)) => Ok(format!(
             "ARRAY[{}]::text[]",
             items

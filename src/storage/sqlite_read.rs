@@ -98,7 +98,8 @@ impl SqliteReaders {
             if mmap {
                 c.pragma_update(None, "mmap_size", 1_i64 << 30).ok()?;
             }
-            c.set_prepared_statement_cache_capacity(16);
+            // Every point-read text (5 keys x 6 sizes) and the list shapes.
+            c.set_prepared_statement_cache_capacity(64);
             conns.push(c);
         }
         let (jobs, queue) = flume::unbounded::<Job>();
@@ -109,7 +110,10 @@ impl SqliteReaders {
                 .name("sqlite-reader".into())
                 .spawn(move || {
                     while let Ok(job) = queue.recv() {
-                        job(&conn);
+                        // A job catches its own panics; this keeps the
+                        // thread serving the queue whatever happens.
+                        let _ =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&conn)));
                     }
                 })
                 .ok()?;
