@@ -410,9 +410,10 @@ impl SeaOrmRepository {
 
     /// As `explain_list`, for GetUser (`identity` None, by `id`) and
     /// LookupUser: the point-read statement production runs, with one probe
-    /// and with the largest batch. On PostgreSQL the plan shown is the
-    /// generic one, which a prepared statement may switch to after a few
-    /// runs.
+    /// and with the largest batch. On PostgreSQL the plan shown is that of
+    /// the statement prepared on a pool connection and executed, as
+    /// production runs it (the pool plans every execution: see
+    /// `connect_with`).
     pub async fn explain_point_read(
         &self,
         project: &ProjectId,
@@ -429,16 +430,20 @@ impl SeaOrmRepository {
             let values: Vec<String> = (0..n).map(|_| value.clone()).collect();
             let stmt = point_read::statement(backend, project.as_str(), key, &values);
             out.push(match backend {
-                DatabaseBackend::Postgres => self.explain_generic(stmt).await?,
+                DatabaseBackend::Postgres => self.explain_prepared(stmt).await?,
                 _ => self.explain(stmt).await?,
             });
         }
         Ok(out)
     }
 
-    /// PostgreSQL's generic plan of a statement whose bound values are
-    /// strings or arrays of strings, as `explain` gives it.
-    async fn explain_generic(&self, stmt: Statement) -> Result<(String, Vec<String>), DomainError> {
+    /// PostgreSQL's plan of a statement whose bound values are strings or
+    /// arrays of strings, prepared and executed on a pool connection with
+    /// its settings, as `explain` gives it.
+    async fn explain_prepared(
+        &self,
+        stmt: Statement,
+    ) -> Result<(String, Vec<String>), DomainError> {
         let literals: Vec<String> = stmt
             .values
             .iter()
@@ -449,9 +454,6 @@ impl SeaOrmRepository {
         // one left behind by a failure never collides with the next.
         let name = format!("explained_{}", uuid::Uuid::now_v7().simple());
         let txn = self.db.begin().await.map_err(db_error)?;
-        txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
-            .await
-            .map_err(db_error)?;
         txn.execute_unprepared(&format!("PREPARE {name} AS {}", stmt.sql))
             .await
             .map_err(db_error)?;

@@ -6,8 +6,9 @@
 //! - PostgreSQL: `SELECT u.* FROM unnest($2::text[]) AS k(v), LATERAL
 //!   (SELECT … FROM users WHERE project = $1 AND <key> = k.v [AND
 //!   delete_time IS NULL] OFFSET 0) u`: one text whatever the batch size
-//!   (prepared once per connection, planned once), and one index probe per
-//!   value. `OFFSET 0` keeps the subquery from being flattened into a join,
+//!   (prepared once per connection; like every statement of the pool it is
+//!   planned at each run, see `connect_with`, and its plan is small), and
+//!   one index probe per value. `OFFSET 0` keeps the subquery from being flattened into a join,
 //!   so each probe is a single-value comparison, which always uses the
 //!   index: `<key> = ANY($2)` on the partial unique indexes degrades to a
 //!   scan of the whole project in PostgreSQL's generic plan while the

@@ -341,7 +341,8 @@ async fn hot_queries_use_indexes_at_scale(e: Engine) {
         problems.extend(check(what, NoScan, &plan));
     }
     // GetUser and LookupUser: the statement production runs, alone and as
-    // the largest batch (PostgreSQL: its generic plan).
+    // the largest batch (PostgreSQL: prepared and executed on a pool
+    // connection, as production runs it).
     let email = Email::parse("user777@beta.example").expect("email");
     let id = UserId::parse("u777").expect("id");
     let plan = repo
