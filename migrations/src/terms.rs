@@ -5,3 +5,45 @@
 //! `terms_v1`.
 
 pub use crate::terms_v1::*;
+
+/// A prefix of search text folded so that every text starting with it
+/// folds to a text starting with the result. Folding lower-cases character
+/// by character except a capital sigma, whose lower case depends on what
+/// follows it (`Σ` ends a word as `ς`, else `σ`): the prefix is cut before
+/// the first one.
+pub fn fold_prefix(p: &str) -> String {
+    p.chars()
+        .take_while(|c| *c != '\u{03A3}')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fold, fold_prefix};
+
+    #[test]
+    fn a_folded_prefix_starts_every_folded_text_it_starts() {
+        let texts = [
+            "ΟΔΥΣΣΕΑΣ",
+            "Οδυσσέας",
+            "İstanbul",
+            "STRASSE",
+            "Ǆemal",
+            "ΣΑΣ",
+            "abc",
+        ];
+        for t in texts {
+            let chars: Vec<char> = t.chars().collect();
+            for n in 0..=chars.len() {
+                let p: String = chars[..n].iter().collect();
+                assert!(
+                    fold(t).starts_with(&fold_prefix(&p)),
+                    "{t:?} / {p:?}: {:?} vs {:?}",
+                    fold(t),
+                    fold_prefix(&p)
+                );
+            }
+        }
+    }
+}

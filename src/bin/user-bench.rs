@@ -54,6 +54,10 @@ enum Scenario {
     /// client, with the server's peak RSS; then the same rows read raw with
     /// keyset queries (the ceiling).
     Stream,
+    /// Finding users among those the import stored (1 call in flight): the
+    /// first page of 50 of each query shape of `FIND_QUERIES`, timed over
+    /// `--find-rounds` calls each.
+    Find,
     /// WatchEvents from revision 0 of the bench project to its head (every
     /// event the seeding and the scenarios before appended), to this client.
     Watch,
@@ -102,6 +106,10 @@ struct Args {
     /// Users the import scenario loads.
     #[arg(long, default_value_t = 1_000_000)]
     import_users: usize,
+
+    /// Timed calls per query shape of the find scenario.
+    #[arg(long, default_value_t = 50)]
+    find_rounds: usize,
 
     /// Members of the large group of the groups scenario.
     #[arg(long, default_value_t = 1_000_000)]
@@ -316,17 +324,131 @@ fn seed_user(run: &str, i: u64) -> pb::User {
 
 const PROJECT: &str = "projects/bench";
 
-/// A user as a migration from another system brings it.
+/// A user as a migration from another system brings it: tag `even` or
+/// `odd`, `metadata.shard` 0-15 and `metadata.plan` free, pro or team (the
+/// find scenario's data).
 fn import_user(run: &str, i: usize) -> pb::User {
     pb::User {
         email: format!("imported{i}.{run}@legacy.example.com"),
         email_verified: true,
-        display_name: format!("Imported User {i}"),
+        display_name: format!("User {i}"),
         given_name: "Imported".into(),
         family_name: format!("User{i}"),
         external_id: format!("legacy-{run}-{i}"),
+        tags: vec![if i.is_multiple_of(2) { "even" } else { "odd" }.into()],
+        metadata: [
+            ("shard".to_string(), (i % 16).to_string()),
+            (
+                "plan".to_string(),
+                ["free", "pro", "team"][i % 3].to_string(),
+            ),
+        ]
+        .into(),
         ..Default::default()
     }
+}
+
+/// The find scenario's query shapes: (label, search query, filter,
+/// order_by). A search query makes it a SearchUsers call, else ListUsers.
+const FIND_QUERIES: &[(&str, &str, &str, &str)] = &[
+    ("one tag (half the users)", "", "tags:\"even\"", ""),
+    (
+        "one metadata value (1/16)",
+        "",
+        "metadata.shard = \"5\"",
+        "",
+    ),
+    (
+        "tag AND plan (1/6)",
+        "",
+        "tags:\"even\" AND metadata.plan = \"pro\"",
+        "",
+    ),
+    (
+        "tag AND shard (1/16)",
+        "",
+        "tags:\"even\" AND metadata.shard = \"4\"",
+        "",
+    ),
+    ("NOT tag", "", "NOT tags:\"even\"", ""),
+    ("email suffix", "", "email = \"*@legacy.example.com\"", ""),
+    ("search prefix", "user 12", "", ""),
+    ("search prefix, rare", "user 98765", "", ""),
+    (
+        "worst: tag AND shard, empty",
+        "",
+        "tags:\"even\" AND metadata.shard = \"5\"",
+        "",
+    ),
+    (
+        "worst: display_name prefix",
+        "",
+        "display_name = \"User 12*\"",
+        "",
+    ),
+    ("worst: tag by email", "", "tags:\"even\"", "email"),
+];
+
+/// Times each of `FIND_QUERIES`, one call in flight, after one untimed call.
+async fn run_find(channel: Channel, rounds: usize) -> Result<bool, BoxError> {
+    let mut client = UserServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut ok = true;
+    for &(label, query, filter, order_by) in FIND_QUERIES {
+        let mut times = Vec::with_capacity(rounds);
+        let mut found = 0;
+        for round in 0..=rounds {
+            let t0 = Instant::now();
+            let users = if query.is_empty() {
+                client
+                    .list_users(pb::ListUsersRequest {
+                        parent: PROJECT.into(),
+                        page_size: 50,
+                        filter: filter.into(),
+                        order_by: order_by.into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner().users.len())
+            } else {
+                client
+                    .search_users(pb::SearchUsersRequest {
+                        parent: PROJECT.into(),
+                        query: query.into(),
+                        page_size: 50,
+                        filter: filter.into(),
+                        order_by: order_by.into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner().users.len())
+            };
+            let elapsed = t0.elapsed();
+            match users {
+                Ok(n) => found = n,
+                Err(status) => {
+                    println!("  {label}: {status}");
+                    ok = false;
+                    break;
+                }
+            }
+            if round > 0 {
+                times.push(elapsed);
+            }
+        }
+        times.sort();
+        let q = |f: f64| {
+            times
+                .get(((times.len() as f64 * f).ceil() as usize).saturating_sub(1))
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        println!(
+            "  {label:<30} {found:>2} users  p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms",
+            q(0.5),
+            q(0.99),
+            q(1.0)
+        );
+    }
+    Ok(ok)
 }
 
 /// The messages of an import of `n` users, 1000 per message.
@@ -711,9 +833,11 @@ async fn run_scenario(
 ) -> Result<Stats, BoxError> {
     match s {
         // One-shot scenarios, run by `run` itself.
-        Scenario::Import | Scenario::Stream | Scenario::Groups | Scenario::Watch => {
-            Ok(Stats::default())
-        }
+        Scenario::Import
+        | Scenario::Stream
+        | Scenario::Groups
+        | Scenario::Watch
+        | Scenario::Find => Ok(Stats::default()),
         Scenario::Get | Scenario::Ceiling => {
             let seeded = seeded.clone();
             let path = method!("GetUser");
@@ -889,7 +1013,11 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let needs_seed = args.scenarios.iter().any(|s| {
         !matches!(
             s,
-            Scenario::Ceiling | Scenario::Import | Scenario::Stream | Scenario::Groups
+            Scenario::Ceiling
+                | Scenario::Import
+                | Scenario::Stream
+                | Scenario::Groups
+                | Scenario::Find
         )
     });
     let mut seeded = Seeded {
@@ -934,6 +1062,16 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         if s == Scenario::Groups {
             let channel = connect(&target).await?;
             run_groups(channel, &args, &run_id).await?;
+            continue;
+        }
+        if s == Scenario::Find {
+            println!(
+                "find: first page of 50, 1 call in flight, {} timed calls per shape",
+                args.find_rounds
+            );
+            if !run_find(connect(&target).await?, args.find_rounds).await? {
+                all_ok = false;
+            }
             continue;
         }
         if s == Scenario::Watch {

@@ -40,7 +40,7 @@ pub(crate) use errors::db_error;
 use events::Outbox;
 pub(crate) use idempotency::{claim_key, encode_response, find_request, find_request_users};
 use point_read::{Executor, PointReads};
-use query::Plan;
+use query::{Choice, Driver, Plan};
 use sqlite_read::SqliteReaders;
 
 /// How long an idempotency key is remembered.
@@ -297,6 +297,10 @@ pub(crate) async fn explain<C: ConnectionTrait>(
     }
 }
 
+/// The statements a list page ran, each with the engine's plan of it, when
+/// asked for (`explain_list`).
+type Trace = Option<Vec<(String, Vec<String>)>>;
+
 impl SeaOrmRepository {
     /// One page of `query`, read inline through `readers` on SQLite.
     async fn page(
@@ -308,9 +312,79 @@ impl SeaOrmRepository {
     ) -> Result<Vec<User>, DomainError> {
         let _turn = self.heavy_turn().await?;
         let query = &*self.resolve_groups(query).await?;
+        self.plan_and_read(readers, query, after, limit, &mut None)
+            .await
+    }
+
+    /// Plans and reads one page (see `query::Choice`): decided from the
+    /// query's shape, or by counting (up to a bound) the users having each
+    /// of its term conditions. When every condition is common, a page found
+    /// in a window at the start of the order is the page; else the rarest
+    /// condition drives.
+    async fn plan_and_read(
+        &self,
+        readers: Option<&Arc<SqliteReaders>>,
+        query: &UserQuery,
+        after: Option<&Cursor>,
+        limit: u64,
+        trace: &mut Trace,
+    ) -> Result<Vec<User>, DomainError> {
         let backend = self.db.get_database_backend();
-        let plan = self.plan(query).await?;
+        let (drivers, ordered) = match query::plan(query) {
+            Choice::Decided(plan) => {
+                let stmt = query::select_page(backend, query, &plan, after, limit);
+                return self.read_page(readers, stmt, trace).await;
+            }
+            Choice::Rarest { drivers, ordered } => (drivers, ordered),
+        };
+        let cap = query::first_cap(ordered);
+        let (driver, n) = self
+            .rarest(readers, query, drivers.clone(), &[cap], trace)
+            .await?;
+        let plan = if n < cap {
+            if ordered {
+                Plan::Ordered(driver)
+            } else {
+                Plan::Sorted(driver)
+            }
+        } else {
+            if ordered || query::by_create_time(query) {
+                let first = ordered.then(|| drivers[0].clone());
+                let stmt = query::window_bound(backend, query, first.as_ref(), after);
+                let bound = self.traced_number(readers, stmt, trace).await?;
+                let plan = Plan::Window(first, bound);
+                let stmt = query::select_page(backend, query, &plan, after, limit);
+                let rows = self.read_page(readers, stmt, trace).await?;
+                if rows.len() as u64 >= limit || bound == query::unbounded(query) {
+                    return Ok(rows);
+                }
+            }
+            if ordered {
+                let caps = &query::RAREST_CAPS;
+                Plan::Ordered(self.rarest(readers, query, drivers, caps, trace).await?.0)
+            } else {
+                let cap = query::SORT_LIMIT + 1;
+                match self.rarest(readers, query, drivers, &[cap], trace).await? {
+                    (driver, n) if n < cap => Plan::Sorted(driver),
+                    _ => Plan::Scan,
+                }
+            }
+        };
         let stmt = query::select_page(backend, query, &plan, after, limit);
+        self.read_page(readers, stmt, trace).await
+    }
+
+    /// The users a page statement selects; inline through `readers` on
+    /// SQLite.
+    async fn read_page(
+        &self,
+        readers: Option<&Arc<SqliteReaders>>,
+        stmt: Statement,
+        trace: &mut Trace,
+    ) -> Result<Vec<User>, DomainError> {
+        if let Some(t) = trace {
+            t.push(self.explain(stmt.clone()).await?);
+        }
         if let Some(r) = readers {
             match r.users(&stmt).await {
                 Ok(rows) => return rows.into_iter().map(from_model).collect(),
@@ -334,26 +408,57 @@ impl SeaOrmRepository {
             .map_err(|_| DomainError::Unavailable("shutting down".into()))
     }
 
-    /// How `query` is read: decided from its shape, or by counting (up to a
-    /// bound) the users having its most selective term.
-    async fn plan(&self, query: &UserQuery) -> Result<Plan, DomainError> {
-        match query::plan(query) {
-            Ok(plan) => Ok(plan),
-            Err(driver) => {
-                let stmt = query::probe_count(self.db.get_database_backend(), query, &driver);
-                let n = self.number(stmt).await?;
-                Ok(if n as u64 <= query::SORT_LIMIT {
-                    Plan::Sorted(driver)
-                } else {
-                    Plan::Scan
-                })
+    /// The driver fewest users have, and how many (counted up to a cap):
+    /// round by round through `caps`, until one count is under its round's
+    /// cap. Within a round a count stops once it reaches the smallest so far.
+    async fn rarest(
+        &self,
+        readers: Option<&Arc<SqliteReaders>>,
+        query: &UserQuery,
+        mut drivers: Vec<Driver>,
+        caps: &[u64],
+        trace: &mut Trace,
+    ) -> Result<(Driver, u64), DomainError> {
+        let backend = self.db.get_database_backend();
+        let mut best = (0, u64::MAX);
+        for &cap in caps {
+            best = (0, u64::MAX);
+            for (i, d) in drivers.iter().enumerate() {
+                let cap = cap.min(best.1.saturating_add(1));
+                let stmt = query::probe_count(backend, query, d, cap);
+                let n = self.traced_number(readers, stmt, trace).await? as u64;
+                if n < best.1 {
+                    best = (i, n);
+                }
+            }
+            if best.1 < cap {
+                break;
             }
         }
+        Ok((drivers.swap_remove(best.0), best.1))
     }
 
-    /// The one integer `n` a statement selects; inline on SQLite.
-    async fn number(&self, stmt: Statement) -> Result<i64, DomainError> {
-        if let Some(r) = &self.readers {
+    /// `number`, explained into `trace` first when asked.
+    async fn traced_number(
+        &self,
+        readers: Option<&Arc<SqliteReaders>>,
+        stmt: Statement,
+        trace: &mut Trace,
+    ) -> Result<i64, DomainError> {
+        if let Some(t) = trace {
+            t.push(self.explain(stmt.clone()).await?);
+        }
+        self.number(readers, stmt).await
+    }
+
+    /// The one integer `n` a statement selects; inline on SQLite (through
+    /// `readers`, those of the page it plans).
+    async fn number(
+        &self,
+        readers: Option<&Arc<SqliteReaders>>,
+        stmt: Statement,
+    ) -> Result<i64, DomainError> {
+        if let Some(r) = readers {
             match r.number(&stmt).await {
                 Ok(n) => return Ok(n),
                 Err(e) => debug!(error = %e, "inline count failed; using the pool"),
@@ -375,23 +480,10 @@ impl SeaOrmRepository {
         limit: u64,
     ) -> Result<Vec<(String, Vec<String>)>, DomainError> {
         let query = &*self.resolve_groups(query).await?;
-        let backend = self.db.get_database_backend();
-        let mut out = Vec::new();
-        let plan = match query::plan(query) {
-            Ok(plan) => plan,
-            Err(driver) => {
-                out.push(
-                    self.explain(query::probe_count(backend, query, &driver))
-                        .await?,
-                );
-                self.plan(query).await?
-            }
-        };
-        out.push(
-            self.explain(query::select_page(backend, query, &plan, after, limit))
-                .await?,
-        );
-        Ok(out)
+        let mut trace = Some(Vec::new());
+        self.plan_and_read(None, query, after, limit, &mut trace)
+            .await?;
+        Ok(trace.unwrap_or_default())
     }
 
     /// As `explain_list`, for CountUsers.
@@ -682,7 +774,7 @@ impl UserRepository for SeaOrmRepository {
         let backend = self.db.get_database_backend();
         let driver = query::count_driver(query);
         let stmt = query::select_count(backend, query, driver.as_ref());
-        Ok(self.number(stmt).await?.max(0) as u64)
+        Ok(self.number(self.readers.as_ref(), stmt).await?.max(0) as u64)
     }
 
     #[instrument(skip_all, fields(project = %project))]

@@ -28,9 +28,11 @@ pub(crate) enum Purpose {
     Count,
 }
 
-/// Most users a `Sorted` plan reads and sorts; above it a `Scan` in the
-/// requested order stops after one page sooner.
-pub(crate) const SORT_LIMIT: u64 = 2000;
+/// Most users a `Sorted` plan reads and sorts. Above it a `Scan` in the
+/// requested order may stop after one page sooner, but may also read every
+/// user when the matches are few or far down the order: a sort of up to
+/// this many is bounded (tens of milliseconds).
+pub(crate) const SORT_LIMIT: u64 = 16_384;
 
 /// A term condition that every selected user satisfies (a conjunct of the
 /// filter, or the search prefix): the terms' index can drive the query.
@@ -48,6 +50,10 @@ enum Source {
     Search,
     /// The filter's top-level conjunct of this index.
     Conjunct(usize),
+    /// Terms every user matching the filter's top-level conjunct of this
+    /// index has, and some others: the conjunct itself stays in the WHERE
+    /// clause (see `search_cover`).
+    Covers(usize),
 }
 
 /// The index rows a driver reads, one or more per selected user.
@@ -75,8 +81,11 @@ impl Driver {
         )
     }
 
-    fn is_search(&self) -> bool {
-        matches!(self.rows, Rows::Terms { kind, .. } if kind == kinds::SEARCH)
+    /// Its rows are the condition's own (not a cover of it, see
+    /// `search_cover`), and it is an exact term: a page in `create_time`
+    /// order reads about one page of its entries.
+    fn orders_exactly(&self) -> bool {
+        self.is_exact() && !matches!(self.source, Source::Covers(_))
     }
 }
 
@@ -94,6 +103,70 @@ pub(crate) enum Plan {
     Sorted(Driver),
     /// SearchUsers' default order: the search terms are the order.
     Match(Driver),
+    /// As `Ordered` by the driver (`Scan` in `create_time` order without
+    /// one), reading only the entries (users) up to this `create_time` (see
+    /// `window_bound`): a full page from them is the page; a short one says
+    /// nothing.
+    Window(Option<Driver>, i64),
+}
+
+/// Entries (users) at least a `Window` plan reads, probing the conditions
+/// of each: a page of 50 when one in 20 of them matches.
+pub(crate) const WINDOW: u64 = 1024;
+
+/// The window bound that bounds nothing: fewer than `WINDOW` entries are
+/// left, and a short page of the `Window` plan is the whole answer.
+pub(crate) fn unbounded(q: &UserQuery) -> i64 {
+    if q.order.tie_desc() {
+        i64::MIN
+    } else {
+        i64::MAX
+    }
+}
+
+/// `SELECT n`: the `create_time` of the driver's `WINDOW`-th entry (the
+/// project's `WINDOW`-th user without a driver) after `after` in the page's
+/// order; `unbounded` when there are fewer. Reads an index only.
+pub(crate) fn window_bound(
+    backend: DatabaseBackend,
+    q: &UserQuery,
+    d: Option<&Driver>,
+    after: Option<&Cursor>,
+) -> Statement {
+    let c = Compiler::new(backend, q, d);
+    let desc = q.order.tie_desc();
+    let table = if d.is_some() { "d" } else { "users" };
+    let cols = [
+        format!("\"{table}\".\"create_time\""),
+        format!("\"{table}\".\"user_id\""),
+    ];
+    let mut sub = Query::select();
+    sub.expr_as(Expr::cust(cols[0].clone()), Alias::new("t"));
+    match d {
+        Some(d) => {
+            sub.from_as(Alias::new(d.rows.table()), Alias::new("d"))
+                .cond_where(c.rows_cond("d", q.project.as_str(), &d.rows));
+        }
+        None => {
+            sub.from(users::Entity)
+                .and_where(users::Column::Project.eq(q.project.as_str()));
+        }
+    }
+    if let Some(cursor) = after {
+        sub.and_where(c.after_columns(&cols, desc, cursor));
+    }
+    for col in &cols {
+        sub.order_by_expr(Expr::cust(col.clone()), dir(desc));
+    }
+    sub.limit(1).offset(WINDOW - 1);
+    let mut outer = Query::select();
+    outer
+        .expr_as(
+            Func::coalesce([Expr::cust("MAX(\"x\".\"t\")"), Expr::val(unbounded(q))]),
+            Alias::new("n"),
+        )
+        .from_subquery(sub, Alias::new("x"));
+    backend.build(&outer)
 }
 
 /// The term conditions of `q` that can drive it: the search prefix, then the
@@ -128,44 +201,145 @@ fn drivers(q: &UserQuery) -> Vec<Driver> {
                 },
                 source: Source::Conjunct(i),
             });
+        } else if let Some(test) = search_cover(f) {
+            out.push(Driver {
+                rows: Rows::Terms {
+                    kind: kinds::SEARCH,
+                    test,
+                },
+                source: Source::Covers(i),
+            });
         }
     }
+    // A condition repeated is one driver; at most `MAX_DRIVERS` are weighed.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|d| seen.insert(format!("{:?}", d.rows)));
+    out.truncate(MAX_DRIVERS);
     out
 }
 
-/// The plan of `q` before counting anything: `Ok` when it is decided,
-/// `Err(driver)` when it depends on how many users have the driver's terms
-/// (at most `SORT_LIMIT`: `Sorted`, else `Scan`).
-pub(crate) fn plan(q: &UserQuery) -> Result<Plan, Driver> {
-    let ds = drivers(q);
-    if q.order.is_search_match() {
-        if let Some(d) = ds.into_iter().find(Driver::is_search) {
-            return Ok(Plan::Match(d));
+/// Most term conditions of one query that are counted to pick a driver (a
+/// filter may have 200 comparisons); the others are probed per row.
+const MAX_DRIVERS: usize = 8;
+
+/// The search terms that cover an equality or prefix condition on a
+/// searchable text field: a user whose field equals (starts with) `v` has
+/// the search term `fold(v)` (one starting with the folded prefix). Other
+/// users may have it too (through another field, or another case), so the
+/// condition is still checked on each row.
+fn search_cover(f: &Filter) -> Option<TermTest> {
+    let Filter::Text {
+        field,
+        op: Op::Eq,
+        value,
+    } = f
+    else {
+        return None;
+    };
+    let searchable = matches!(
+        field,
+        TextField::Email
+            | TextField::PhoneNumber
+            | TextField::Username
+            | TextField::DisplayName
+            | TextField::GivenName
+            | TextField::FamilyName
+    );
+    if !searchable {
+        return None;
+    }
+    match value {
+        Pattern::Exact(s) if !s.is_empty() => Some(TermTest::Eq(kinds::fold(s))),
+        Pattern::Prefix(p) => {
+            let folded = kinds::fold_prefix(p);
+            (!folded.is_empty()).then_some(TermTest::Prefix(folded))
         }
-        return Ok(Plan::Scan);
-    }
-    let by_create_time = matches!(q.order.keys(), [k] if k.field == OrderField::CreateTime);
-    if by_create_time && let Some(d) = ds.iter().find(|d| d.is_exact()) {
-        return Ok(Plan::Ordered(d.clone()));
-    }
-    match ds.iter().find(|d| d.is_exact()).or(ds.first()) {
-        Some(d) => Err(d.clone()),
-        None => Ok(Plan::Scan),
+        _ => None,
     }
 }
 
-/// `SELECT COUNT(*)` of the driver's term rows, counting at most
-/// `SORT_LIMIT + 1`.
-pub(crate) fn probe_count(backend: DatabaseBackend, q: &UserQuery, d: &Driver) -> Statement {
-    let c = Compiler {
-        backend,
-        project: q.project.as_str().to_owned(),
-    };
+/// How the plan of a query is chosen.
+pub(crate) enum Choice {
+    Decided(Plan),
+    /// Counting the users having each driver's terms (up to `first_cap`,
+    /// see `probe_count`) decides: `Ordered` (with `ordered`: the default
+    /// order and several exact terms) or `Sorted` by one few users have.
+    /// Else, in `create_time` order, a `Window` at the start of the order
+    /// (of the first driver's entries with `ordered`, of the users without)
+    /// is read, and when it holds no full page: `Ordered` by the rarest
+    /// driver (counted through `RAREST_CAPS`), or `Sorted` by the rarest
+    /// when at most `SORT_LIMIT` users have its terms, `Scan` otherwise.
+    Rarest {
+        drivers: Vec<Driver>,
+        ordered: bool,
+    },
+}
+
+/// An exact term at most this many users have is walked whole.
+pub(crate) const RARE: u64 = 256;
+
+/// At most this many users with a term are sorted without first trying a
+/// `Window` of the order.
+pub(crate) const FEW: u64 = 2000;
+
+/// What the first count of a `Choice::Rarest` counts up to: one more than
+/// the most that decides.
+pub(crate) fn first_cap(ordered: bool) -> u64 {
+    if ordered { RARE + 1 } else { FEW + 1 }
+}
+
+/// The caps `probe_count` counts drivers up to, in rounds, after a `Window`
+/// found no full page: a round whose smallest count is under its cap found
+/// the rarest driver (the counts of the others reached it).
+pub(crate) const RAREST_CAPS: [u64; 3] = [16_384, 131_072, 1_048_576];
+
+/// The plan of `q` before counting anything.
+pub(crate) fn plan(q: &UserQuery) -> Choice {
+    let ds = drivers(q);
+    if q.order.is_search_match() {
+        if let Some(d) = ds.into_iter().find(|d| d.source == Source::Search) {
+            return Choice::Decided(Plan::Match(d));
+        }
+        return Choice::Decided(Plan::Scan);
+    }
+    let by_create_time = by_create_time(q);
+    let exact: Vec<Driver> = ds.iter().filter(|d| d.orders_exactly()).cloned().collect();
+    if by_create_time && !exact.is_empty() {
+        return match <[Driver; 1]>::try_from(exact) {
+            Ok([d]) => Choice::Decided(Plan::Ordered(d)),
+            Err(drivers) => Choice::Rarest {
+                drivers,
+                ordered: true,
+            },
+        };
+    }
+    if ds.is_empty() {
+        return Choice::Decided(Plan::Scan);
+    }
+    Choice::Rarest {
+        drivers: ds,
+        ordered: false,
+    }
+}
+
+/// Whether `q` is in `create_time` order (the time index's order).
+pub(crate) fn by_create_time(q: &UserQuery) -> bool {
+    matches!(q.order.keys(), [k] if k.field == OrderField::CreateTime)
+}
+
+/// `SELECT COUNT(*)` of the driver's term rows, counting at most `cap`.
+pub(crate) fn probe_count(
+    backend: DatabaseBackend,
+    q: &UserQuery,
+    d: &Driver,
+    cap: u64,
+) -> Statement {
+    let c = Compiler::new(backend, q, None);
     let mut sub = Query::select();
     sub.expr(Expr::cust("1"))
         .from_as(Alias::new(d.rows.table()), Alias::new("d"))
         .cond_where(c.rows_cond("d", q.project.as_str(), &d.rows))
-        .limit(SORT_LIMIT + 1);
+        .limit(cap);
     let mut outer = Query::select();
     outer
         .expr_as(Expr::cust("COUNT(*)"), Alias::new("n"))
@@ -181,38 +355,45 @@ pub(crate) fn select_page(
     after: Option<&Cursor>,
     limit: u64,
 ) -> Statement {
-    let c = Compiler {
-        backend,
-        project: q.project.as_str().to_owned(),
-    };
     let (driver, ordered) = match plan {
         Plan::Scan => (None, false),
-        Plan::Ordered(d) | Plan::Match(d) => (Some(d), true),
+        Plan::Ordered(d) | Plan::Match(d) | Plan::Window(Some(d), _) => (Some(d), true),
+        Plan::Window(None, _) => (None, false),
         Plan::Sorted(d) => (Some(d), false),
     };
+    let c = Compiler::new(backend, q, driver);
     let mut s = Query::select();
     // Every column, in the entity's order (the inline SQLite reader maps
     // them by position).
     for col in users::Column::iter() {
         s.column((users::Entity, col));
     }
+    let tie_desc = q.order.tie_desc();
+    // The driver's index order: (term,) create_time, user_id.
+    let d = |col: &str| format!("\"d\".\"{col}\"");
+    let mut cols = Vec::new();
+    if matches!(plan, Plan::Match(_)) {
+        cols.push(d("term"));
+    }
+    cols.push(d("create_time"));
+    cols.push(d("user_id"));
     match driver {
         None => {
             s.from(users::Entity);
         }
         Some(d) => c.drive(&mut s, q, d),
     }
+    if let Plan::Window(_, bound) = plan {
+        let table = if driver.is_some() { "d" } else { "users" };
+        let col = Expr::col((Alias::new(table), Alias::new("create_time")));
+        s.and_where(if tie_desc {
+            col.gte(*bound)
+        } else {
+            col.lte(*bound)
+        });
+    }
     s.cond_where(c.base(q, Purpose::List, driver.map(|d| d.source)));
-    let tie_desc = q.order.tie_desc();
     if ordered {
-        // The driver's index order: (term,) create_time, user_id.
-        let d = |col: &str| format!("\"d\".\"{col}\"");
-        let mut cols = Vec::new();
-        if matches!(plan, Plan::Match(_)) {
-            cols.push(d("term"));
-        }
-        cols.push(d("create_time"));
-        cols.push(d("user_id"));
         if let Some(cursor) = after {
             s.and_where(c.after_columns(&cols, tie_desc, cursor));
         }
@@ -239,10 +420,7 @@ pub(crate) fn select_count(
     q: &UserQuery,
     driver: Option<&Driver>,
 ) -> Statement {
-    let c = Compiler {
-        backend,
-        project: q.project.as_str().to_owned(),
-    };
+    let c = Compiler::new(backend, q, driver);
     let mut s = Query::select();
     s.expr_as(Expr::cust("COUNT(*)"), Alias::new("n"));
     match driver {
@@ -258,7 +436,7 @@ pub(crate) fn select_count(
 /// The driver for a count: any term condition beats reading every user.
 pub(crate) fn count_driver(q: &UserQuery) -> Option<Driver> {
     let ds = drivers(q);
-    let exact = ds.iter().position(|d| d.is_exact());
+    let exact = ds.iter().position(|d| d.orders_exactly());
     exact.map(|i| ds[i].clone()).or(ds.into_iter().next())
 }
 
@@ -285,6 +463,14 @@ pub(crate) fn prefix_upper(p: &str) -> Option<String> {
 
 struct Compiler {
     backend: DatabaseBackend,
+    /// The table alias whose `user_id` term and membership probes
+    /// correlate with: the driver's row when there is one, so that a probe
+    /// runs before the user's row is read (and only users that pass are).
+    owner: &'static str,
+    /// The alias whose `create_time` term probes also match (a term carries
+    /// its user's create time): the owner's, or `users` when the owner is a
+    /// membership row (which has none).
+    owner_time: &'static str,
     /// The query's project, also pinned in every probe of the terms and
     /// memberships: a probe the engine turns into a hashed subplan (under
     /// OR) then still seeks the index instead of scanning it.
@@ -294,6 +480,20 @@ struct Compiler {
 const T: &str = "\"users\".";
 
 impl Compiler {
+    fn new(backend: DatabaseBackend, q: &UserQuery, driver: Option<&Driver>) -> Self {
+        let (owner, owner_time) = match driver.map(|d| &d.rows) {
+            None => ("users", "users"),
+            Some(Rows::Terms { .. }) => ("d", "d"),
+            Some(Rows::Members { .. }) => ("d", "users"),
+        };
+        Compiler {
+            backend,
+            owner,
+            owner_time,
+            project: q.project.as_str().to_owned(),
+        }
+    }
+
     fn pg(&self) -> bool {
         self.backend == DatabaseBackend::Postgres
     }
@@ -514,10 +714,28 @@ impl Compiler {
             .from_as(Alias::new("user_terms"), Alias::new("p"))
             .and_where(
                 Expr::col((Alias::new("p"), Alias::new("user_id")))
-                    .equals((users::Entity, users::Column::UserId)),
+                    .equals((Alias::new(self.owner), Alias::new("user_id"))),
+            )
+            // A term carries its user's create time: with it an exact term is
+            // a seek of the whole key (30% faster than the key less it).
+            .and_where(
+                Expr::col((Alias::new("p"), Alias::new("create_time")))
+                    .equals((Alias::new(self.owner_time), Alias::new("create_time"))),
             )
             .cond_where(self.term_cond("p", Some(&self.project), kind, &test));
-        Expr::exists(sub)
+        Expr::exists(self.probe(sub))
+    }
+
+    /// A probe subquery as the engine should run it: on SQLite with
+    /// `LIMIT 1`, which keeps it a probe run as soon as the driver's row is
+    /// read. Without it SQLite (3.46 and later) turns `EXISTS` into a join it
+    /// may order after `users`, reading every candidate user's row first
+    /// (2x slower over a common term). PostgreSQL drops such a limit.
+    fn probe(&self, mut sub: SelectStatement) -> SelectStatement {
+        if !self.pg() {
+            sub.limit(1);
+        }
+        sub
     }
 
     /// The conditions on the driver's row `alias` (of `rows.table()`).
@@ -570,10 +788,10 @@ impl Compiler {
             )
             .and_where(
                 Expr::col((Alias::new("p"), Alias::new("user_id")))
-                    .equals((users::Entity, users::Column::UserId)),
+                    .equals((Alias::new(self.owner), Alias::new("user_id"))),
             )
             .and_where(self.in_closure("p", group, within));
-        Expr::exists(sub)
+        Expr::exists(self.probe(sub))
     }
 
     /// `FROM user_terms d JOIN users` on the user of each of the driver's

@@ -258,6 +258,47 @@ async fn hot_queries_use_indexes_at_scale(e: Engine) {
             None,
             IndexOrder,
         ),
+        // Common terms: a window of the first, then the rarest walked whole
+        // when the window holds no page (none in common here).
+        (
+            "two common terms, none in common",
+            "tags:\"cohort-3\" AND tags:\"cohort-4\"".into(),
+            None,
+            IndexOrder,
+        ),
+        (
+            "two common terms, many in common",
+            "tags:\"cohort-3\" AND metadata.plan = \"pro\"".into(),
+            None,
+            IndexOrder,
+        ),
+        (
+            "rare and common term",
+            "tags:\"cohort-3\" AND tags:\"rare\"".into(),
+            None,
+            IndexOrder,
+        ),
+        // The search terms cover a display name: 111 users start with
+        // `Name 1234` (read and sorted).
+        (
+            "display name prefix",
+            "display_name = \"Name 1234*\"".into(),
+            None,
+            NoScan,
+        ),
+        // A membership drives; a term is probed per member.
+        (
+            "small group and tag prefix",
+            "groups:\"small\" AND tags:\"cohort-*\"".into(),
+            None,
+            NoScan,
+        ),
+        (
+            "display name",
+            "display_name = \"Name 777\"".into(),
+            None,
+            NoScan,
+        ),
         (
             "search, common prefix",
             String::new(),
@@ -335,6 +376,10 @@ async fn hot_queries_use_indexes_at_scale(e: Engine) {
         // whichever way; the engine may rightly hash-join it.)
         ("count by small group", "groups:\"small\""),
         ("count by nested groups", "groups:\"parent\""),
+        (
+            "count by small group and email domain",
+            "groups:\"small\" AND email = \"*@alpha.example\"",
+        ),
     ] {
         let q = UserQuery::parse("projects/bench", filter, "", None, false).expect(what);
         let plan = repo.explain_count(&q).await.expect(what);
