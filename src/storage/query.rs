@@ -1156,6 +1156,34 @@ fn nullable_cmp(col: Expr, nullable: bool, op: Op, v: i64) -> Expr {
 #[cfg(test)]
 mod tests {
     use super::prefix_upper;
+    use migration::terms::{fold, fold_prefix};
+
+    /// What makes the search terms a cover of a prefix condition on a
+    /// searchable field (`search_cover`).
+    #[test]
+    fn a_folded_prefix_starts_every_folded_text_it_starts() {
+        let texts = [
+            "ΟΔΥΣΣΕΑΣ",
+            "Οδυσσέας",
+            "İstanbul",
+            "STRASSE",
+            "Ǆemal",
+            "ΣΑΣ",
+            "abc",
+        ];
+        for t in texts {
+            let chars: Vec<char> = t.chars().collect();
+            for n in 0..=chars.len() {
+                let p: String = chars[..n].iter().collect();
+                assert!(
+                    fold(t).starts_with(&fold_prefix(&p)),
+                    "{t:?} / {p:?}: {:?} vs {:?}",
+                    fold(t),
+                    fold_prefix(&p)
+                );
+            }
+        }
+    }
 
     #[test]
     fn prefix_upper_is_the_next_string_in_code_point_order() {
