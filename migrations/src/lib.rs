@@ -10,6 +10,7 @@ mod m20261202_000004_request_ids_by_time;
 mod m20261202_000005_user_id_byte_order;
 mod m20261203_000006_groups;
 mod m20261204_000007_events;
+mod m20261205_000008_term_statistics;
 pub mod terms;
 mod terms_v1;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000005_user_id_byte_order::Migration),
             Box::new(m20261203_000006_groups::Migration),
             Box::new(m20261204_000007_events::Migration),
+            Box::new(m20261205_000008_term_statistics::Migration),
         ]
     }
 }
