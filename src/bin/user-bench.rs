@@ -48,7 +48,9 @@ enum Scenario {
     Ceiling,
     /// ImportUsers of `--import-users` new users over one stream, in
     /// messages of 1000; then the same rows inserted raw into an empty
-    /// database of the same engine (the ceiling it is divided by).
+    /// database of the same engine (the ceilings it is divided by): only the
+    /// users into a table with the primary key and the four unique
+    /// identifier indexes, and users, terms and events in the full schema.
     Import,
     /// StreamUsers of every user of the project (batches of 500) to this
     /// client, with the server's peak RSS; then the same rows read raw with
@@ -504,13 +506,18 @@ async fn run_import(
     })
 }
 
-/// The domain users of import chunk `k` (1000 users), as the service would
-/// store them: one create time per chunk, time-ordered ids.
-fn import_chunk_users(run: &str, n: usize, k: usize) -> Vec<user_service::domain::User> {
+/// The domain users of import chunk `k` (`chunk` users), as the service
+/// would store them: one create time per chunk, time-ordered ids.
+fn import_chunk_users(
+    run: &str,
+    n: usize,
+    k: usize,
+    chunk: usize,
+) -> Vec<user_service::domain::User> {
     use user_service::domain::{NewUser, ProjectId, State, Timestamp, Violations};
     let project = ProjectId::parse_parent(PROJECT).expect("bench project");
     let now = Timestamp::now();
-    (k * 1000..((k + 1) * 1000).min(n))
+    (k * chunk..((k + 1) * chunk).min(n))
         .map(|i| {
             let mut v = Violations::default();
             let profile = user_service::grpc::convert::parse_profile(
@@ -532,19 +539,24 @@ fn import_chunk_users(run: &str, n: usize, k: usize) -> Vec<user_service::domain
 
 /// An empty, migrated database of the same engine as `url` for the raw
 /// import ceiling: a file beside the bench's, or a schema of its own.
-async fn ceiling_database(url: &str, dir: &std::path::Path) -> Result<String, BoxError> {
+async fn ceiling_database(
+    url: &str,
+    dir: &std::path::Path,
+    rows: user_service::storage::ceiling::Rows,
+) -> Result<String, BoxError> {
     use sea_orm::ConnectionTrait;
+    let name = format!("raw_ceiling_{rows:?}").to_lowercase();
     let raw = if url.starts_with("sqlite:") {
-        format!("sqlite://{}/raw-ceiling.db?mode=rwc", dir.display())
+        format!("sqlite://{}/{name}.db?mode=rwc", dir.display())
     } else {
         let admin = user_service::storage::connect(url, 1).await?;
         admin
-            .execute_unprepared(
-                "DROP SCHEMA IF EXISTS raw_ceiling CASCADE; CREATE SCHEMA raw_ceiling",
-            )
+            .execute_unprepared(&format!(
+                "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+            ))
             .await?;
         let sep = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{sep}options[search_path]=raw_ceiling")
+        format!("{url}{sep}options[search_path]={name}")
     };
     // Migrating on PostgreSQL holds a lock on one connection and runs on
     // another.
@@ -1123,30 +1135,42 @@ async fn run(args: Args) -> Result<bool, BoxError> {
                 mib(anon),
             );
             if args.target.is_none() {
-                // The raw ceiling with the same rows, in this run.
-                let (rows, spent) = if s == Scenario::Import {
-                    let raw = ceiling_database(&db_url, dir.path()).await?;
-                    let n = args.import_users;
-                    let run = run_id.clone();
-                    user_service::storage::ceiling::raw_insert(&raw, n.div_ceil(1000), |k| {
-                        import_chunk_users(&run, n, k)
-                    })
-                    .await?
+                // The raw ceilings with the same rows, in this run.
+                if s == Scenario::Import {
+                    use user_service::storage::ceiling::{Rows, prepare, raw_insert};
+                    for rows in [Rows::Identifiers, Rows::Full] {
+                        let raw = ceiling_database(&db_url, dir.path(), rows).await?;
+                        prepare(&raw, rows).await?;
+                        let n = args.import_users;
+                        let run = run_id.clone();
+                        let chunk = user_service::grpc::IMPORT_CHUNK;
+                        let encode = user_service::grpc::events::encode_event;
+                        let (stored, spent) =
+                            raw_insert(&raw, rows, encode, n.div_ceil(chunk), |k| {
+                                import_chunk_users(&run, n, k, chunk)
+                            })
+                            .await?;
+                        let raw_rate = stored as f64 / spent.as_secs_f64();
+                        println!(
+                            "  raw insert ceiling, {}: {stored} users in {:.2} s: {raw_rate:.0} users/s; import / ceiling = {:.2}x",
+                            match rows {
+                                Rows::Identifiers => "users only, primary key and 4 unique indexes",
+                                Rows::Full => "full schema (users, terms, events)",
+                            },
+                            spent.as_secs_f64(),
+                            moved.per_sec() / raw_rate
+                        );
+                    }
                 } else {
-                    user_service::storage::ceiling::raw_scan(&db_url, "bench", 500).await?
-                };
-                let raw_rate = rows as f64 / spent.as_secs_f64();
-                println!(
-                    "  raw {} ceiling, same rows: {rows} users in {:.2} s: {raw_rate:.0} users/s; {} / ceiling = {:.2}x",
-                    if s == Scenario::Import {
-                        "insert"
-                    } else {
-                        "keyset read"
-                    },
-                    spent.as_secs_f64(),
-                    format!("{s:?}").to_lowercase(),
-                    moved.per_sec() / raw_rate
-                );
+                    let (rows, spent) =
+                        user_service::storage::ceiling::raw_scan(&db_url, "bench", 500).await?;
+                    let raw_rate = rows as f64 / spent.as_secs_f64();
+                    println!(
+                        "  raw keyset read ceiling, same rows: {rows} users in {:.2} s: {raw_rate:.0} users/s; stream / ceiling = {:.2}x",
+                        spent.as_secs_f64(),
+                        moved.per_sec() / raw_rate
+                    );
+                }
             }
             continue;
         }

@@ -27,8 +27,9 @@ const OUTPUT_BYTES_PER_USER: usize = 256;
 pub const MAX_BATCH_CREATE: usize = 1000;
 
 /// Users an import commits in one transaction (at most; a chunk is also cut
-/// when the client pauses, so that every user sent is acknowledged promptly).
-pub const IMPORT_CHUNK: usize = 1000;
+/// when the client pauses and the committer is free, so that every user sent
+/// is acknowledged promptly).
+pub const IMPORT_CHUNK: usize = 5000;
 
 /// An import refreshes the planner's statistics after storing this many
 /// users, and at its end if it stored at least `ANALYZE_AFTER` since.
@@ -499,14 +500,22 @@ async fn read_import(
         } else {
             match futures_now(inbound.message()) {
                 Some(m) => m,
-                None => {
-                    if let Some(c) = pending.take()
-                        && chunks.send(Ok(c)).await.is_err()
-                    {
-                        return;
+                // The client paused: the committer takes what is pending as
+                // soon as it is free. Until then what arrives joins the
+                // pending chunk, so chunks grow while the database is the
+                // slower side (fewer, larger transactions) and stay small
+                // while the client is.
+                None => tokio::select! {
+                    biased;
+                    slot = chunks.reserve() => {
+                        let Ok(slot) = slot else { return };
+                        if let Some(c) = pending.take() {
+                            slot.send(Ok(c));
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                    m = inbound.message() => m,
+                },
             }
         };
         let m = match message {
@@ -557,7 +566,7 @@ async fn read_import(
                 project: project.clone(),
                 first: index,
                 last: index,
-                valid: Vec::with_capacity(IMPORT_CHUNK),
+                valid: Vec::new(),
                 invalid: Vec::new(),
             });
             chunk.last = index;

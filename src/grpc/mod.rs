@@ -3,6 +3,7 @@
 
 pub mod audit;
 mod bulk;
+pub use bulk::IMPORT_CHUNK;
 pub mod codec;
 pub mod convert;
 pub mod events;

@@ -202,17 +202,28 @@ async fn store_batch(
 /// Multi-row INSERTs in a few fixed sizes: a statement's text depends on its
 /// row count, and fixed sizes keep every shape in the prepared-statement
 /// cache instead of parsing a new one per batch.
-pub(crate) async fn insert_chunked<C: sea_orm::ConnectionTrait>(
-    conn: &C,
+pub(crate) fn user_statements(
+    backend: sea_orm::DatabaseBackend,
     mut models: Vec<users::ActiveModel>,
-) -> Result<(), DbErr> {
+) -> Vec<sea_orm::Statement> {
+    use sea_orm::QueryTrait;
     const SIZES: [usize; 4] = [64, 16, 4, 1];
+    let mut out = Vec::new();
     while !models.is_empty() {
         let size = SIZES.into_iter().find(|s| *s <= models.len()).unwrap_or(1);
         let rest = models.split_off(size);
-        users::Entity::insert_many(std::mem::replace(&mut models, rest))
-            .exec_without_returning(conn)
-            .await?;
+        out.push(users::Entity::insert_many(std::mem::replace(&mut models, rest)).build(backend));
+    }
+    out
+}
+
+/// Inserts `models` with the statements of `user_statements`.
+pub(crate) async fn insert_chunked<C: sea_orm::ConnectionTrait>(
+    conn: &C,
+    models: Vec<users::ActiveModel>,
+) -> Result<(), DbErr> {
+    for stmt in user_statements(conn.get_database_backend(), models) {
+        conn.execute_raw(stmt).await?;
     }
     Ok(())
 }

@@ -6,13 +6,14 @@
 use std::collections::HashMap;
 
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    SqlErr, TransactionTrait,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr,
+    EntityTrait, QueryFilter, SqlErr, Statement, TransactionTrait,
 };
 
-use super::batch::insert_chunked;
+use super::batch::user_statements;
 use super::entity::users;
 use super::events::Outbox;
+use super::sqlite_write::{SqliteWriter, Step, WriteError};
 use super::{claim_key, db_error, encode_response, find_request_users, terms, to_model};
 use crate::domain::bulk::identifiers;
 use crate::domain::events::{Event, Origin};
@@ -24,15 +25,36 @@ fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
-/// Writes users and their index terms inside `conn`'s transaction.
-async fn write<C: ConnectionTrait>(conn: &C, users: &[&User]) -> Result<(), DbErr> {
+/// The statements storing users: their rows, then their index terms.
+pub(crate) fn row_statements(
+    backend: DatabaseBackend,
+    users: &[&User],
+) -> Result<Vec<Statement>, DbErr> {
     let mut models = Vec::with_capacity(users.len());
     for u in users {
         let m = to_model(u).map_err(|e| DbErr::Custom(e.to_string()))?;
         models.push(users::ActiveModel::from(m));
     }
-    insert_chunked(conn, models).await?;
-    terms::insert(conn, users.iter().copied()).await
+    let mut out = user_statements(backend, models);
+    out.extend(terms::statements(backend, users.iter().copied()));
+    Ok(out)
+}
+
+/// Writes users and their index terms inside `conn`'s transaction.
+async fn write<C: ConnectionTrait>(conn: &C, users: &[&User]) -> Result<(), DbErr> {
+    for stmt in row_statements(conn.get_database_backend(), users)? {
+        conn.execute_raw(stmt).await?;
+    }
+    Ok(())
+}
+
+/// The creation events of `users`, recording the current caller.
+pub(crate) fn creation_events(users: &[&User]) -> Vec<Event> {
+    let origin = Origin::current();
+    users
+        .iter()
+        .map(|u| Event::user_created(u, origin.clone()))
+        .collect()
 }
 
 /// Appends the creation events of `users` inside `conn`'s transaction.
@@ -41,12 +63,74 @@ async fn created<C: ConnectionTrait>(
     outbox: &Outbox,
     users: &[&User],
 ) -> Result<(), DbErr> {
-    let origin = Origin::current();
-    let events: Vec<Event> = users
-        .iter()
-        .map(|u| Event::user_created(u, origin.clone()))
-        .collect();
-    outbox.append(conn, &events).await
+    outbox.append(conn, &creation_events(users)).await
+}
+
+/// Users per part handed to the SQLite writer: the next part is built while
+/// the writer runs the last one, and only a few parts are in memory at once.
+pub(crate) const PART: usize = 250;
+
+async fn store_on(
+    writer: &SqliteWriter,
+    outbox: &Outbox,
+    users: &[&User],
+) -> Result<(), WriteError> {
+    let backend = DatabaseBackend::Sqlite;
+    let mut txn = writer.begin()?;
+    for part in users.chunks(PART) {
+        let steps = row_statements(backend, part)
+            .map_err(|e| WriteError::Build(e.to_string()))?
+            .into_iter()
+            .map(Step::from)
+            .collect();
+        txn.run(steps).await?;
+    }
+    txn.run(outbox.steps(backend, &creation_events(users)))
+        .await?;
+    txn.commit().await
+}
+
+/// Why an import chunk's transaction did not commit.
+enum Refused {
+    /// A unique index refused a user; nothing was written.
+    Unique,
+    Failed(DomainError),
+}
+
+/// Stores `users` and their creation events in one transaction: on SQLite
+/// handed whole to the writer thread (see `sqlite_write`), elsewhere through
+/// the pool.
+async fn store_chunk(
+    db: &DatabaseConnection,
+    writer: Option<&SqliteWriter>,
+    outbox: &Outbox,
+    users: &[&User],
+) -> Result<(), Refused> {
+    if let Some(writer) = writer {
+        return match store_on(writer, outbox, users).await {
+            Ok(()) => Ok(()),
+            Err(WriteError::Unique(_)) => Err(Refused::Unique),
+            Err(e) => Err(Refused::Failed(DomainError::Unavailable(format!(
+                "storing an import chunk failed: {e}"
+            )))),
+        };
+    }
+    let txn = db.begin().await.map_err(|e| Refused::Failed(db_error(e)))?;
+    let written = match write(&txn, users).await {
+        Ok(()) => created(&txn, outbox, users).await,
+        Err(e) => Err(e),
+    };
+    match written {
+        Ok(()) => txn.commit().await.map_err(|e| Refused::Failed(db_error(e))),
+        Err(e) if is_unique_violation(&e) => {
+            let _ = txn.rollback().await;
+            Err(Refused::Unique)
+        }
+        Err(e) => {
+            let _ = txn.rollback().await;
+            Err(Refused::Failed(db_error(e)))
+        }
+    }
 }
 
 pub(crate) async fn insert_all(
@@ -113,6 +197,7 @@ const IMPORT_ATTEMPTS: usize = 3;
 
 pub(crate) async fn import(
     db: &DatabaseConnection,
+    writer: Option<&SqliteWriter>,
     outbox: &Outbox,
     chunk: &[User],
 ) -> Result<Vec<Option<StoredConflict>>, DomainError> {
@@ -123,19 +208,12 @@ pub(crate) async fn import(
     for _ in 0..IMPORT_ATTEMPTS {
         let pending: Vec<usize> = (0..chunk.len()).filter(|i| out[*i].is_none()).collect();
         let users: Vec<&User> = pending.iter().map(|i| &chunk[*i]).collect();
-        let txn = db.begin().await.map_err(db_error)?;
-        let written = match write(&txn, &users).await {
-            Ok(()) => created(&txn, outbox, &users).await,
-            Err(e) => Err(e),
-        };
-        match written {
+        match store_chunk(db, writer, outbox, &users).await {
             Ok(()) => {
-                txn.commit().await.map_err(db_error)?;
                 outbox.committed();
                 return Ok(out);
             }
-            Err(e) if is_unique_violation(&e) => {
-                txn.rollback().await.map_err(db_error)?;
+            Err(Refused::Unique) => {
                 let found = find_conflicts(db, &users).await?;
                 if found.iter().all(Option::is_none) {
                     break;
@@ -144,10 +222,7 @@ pub(crate) async fn import(
                     out[i] = c;
                 }
             }
-            Err(e) => {
-                let _ = txn.rollback().await;
-                return Err(db_error(e));
-            }
+            Err(Refused::Failed(e)) => return Err(e),
         }
     }
     // Someone keeps taking identifiers of this chunk: one savepoint per user.

@@ -1,100 +1,142 @@
 //! Benchmark support: the raw ceilings the bulk figures are divided by. The
-//! same rows the service writes (users and their index terms), written and
-//! read with plain multi-row and keyset statements on one connection, with
-//! no gRPC, no validation and no service logic in between. Only `user-bench`
-//! calls this.
+//! same rows the service writes (users, their index terms, their events;
+//! or only the users, into a table with just the identifier indexes),
+//! written with the statements and executor the service's import uses and
+//! read with plain keyset statements on one connection, with no gRPC, no
+//! validation and no service logic in between. Only `user-bench` calls this.
 
 use std::time::{Duration, Instant};
 
 use sea_orm::{
-    ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, QueryTrait, Statement,
-    TransactionTrait,
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, Statement, TransactionTrait,
 };
 
-use super::entity::{user_terms, users};
+use super::batch::user_statements;
+use super::entity::users;
+use super::events::Outbox;
 use super::sqlite_read::{COLUMNS, model, params};
-use super::{db_error, terms, to_model};
+use super::sqlite_write::{SqliteWriter, Step};
+use super::{db_error, to_model};
+use crate::domain::events::EventEncoder;
 use crate::domain::{DomainError, User};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The INSERTs that store `chunk` (users, then terms) in the service's
-/// statement sizes.
-fn statements(backend: DatabaseBackend, chunk: &[User]) -> Result<Vec<Statement>, DomainError> {
-    let mut out = Vec::new();
-    let mut rows = Vec::with_capacity(chunk.len());
-    for u in chunk {
-        rows.push(users::ActiveModel::from(to_model(u)?));
-    }
-    while !rows.is_empty() {
-        let rest = rows.split_off(rows.len().min(64));
-        let part = std::mem::replace(&mut rows, rest);
-        out.push(users::Entity::insert_many(part).build(backend));
-    }
-    let mut term_rows: Vec<user_terms::ActiveModel> = Vec::new();
-    for u in chunk {
-        for (kind, term) in terms::of(u) {
-            term_rows.push(user_terms::ActiveModel {
-                project: sea_orm::ActiveValue::Set(u.project.as_str().to_owned()),
-                kind: sea_orm::ActiveValue::Set(kind),
-                term: sea_orm::ActiveValue::Set(term),
-                create_time: sea_orm::ActiveValue::Set(u.create_time.nanos()),
-                user_id: sea_orm::ActiveValue::Set(u.id.as_str().to_owned()),
-            });
-        }
-    }
-    while !term_rows.is_empty() {
-        let rest = term_rows.split_off(term_rows.len().min(128));
-        let part = std::mem::replace(&mut term_rows, rest);
-        out.push(user_terms::Entity::insert_many(part).build(backend));
-    }
-    Ok(out)
+/// What a raw import ceiling writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// The service's rows in its schema: users, their index terms and their
+    /// creation events.
+    Full,
+    /// Only the users' rows, into a table with just the primary key and the
+    /// four unique identifier indexes: the least any correct user store
+    /// pays.
+    Identifiers,
 }
 
-/// Inserts `make(i)` for every chunk index into the (migrated, empty)
-/// database at `url`, one transaction per chunk; returns the time spent in
-/// the database only (building the statements is not counted).
+/// The indexes of `users` that `Rows::Identifiers` drops.
+const NOT_IDENTIFIERS: [&str; 3] = [
+    "ix_users_project_create_time",
+    "ix_users_purge_time",
+    "ix_users_project_state_create_time",
+];
+
+/// Prepares a migrated, empty database for `rows`.
+pub async fn prepare(url: &str, rows: Rows) -> Result<(), BoxError> {
+    if rows == Rows::Identifiers {
+        let db = super::connect(url, 1).await?;
+        for index in NOT_IDENTIFIERS {
+            db.execute_unprepared(&format!("DROP INDEX {index}"))
+                .await?;
+        }
+        db.close().await?;
+    }
+    Ok(())
+}
+
+/// The statements the service runs to store `chunk` (see `bulk`), in parts
+/// of the size it hands its SQLite writer.
+fn steps(
+    backend: DatabaseBackend,
+    outbox: &Outbox,
+    chunk: &[User],
+    rows: Rows,
+) -> Result<Vec<Vec<Step>>, DomainError> {
+    let refs: Vec<&User> = chunk.iter().collect();
+    let mut parts = Vec::new();
+    for part in refs.chunks(super::bulk::PART) {
+        let stmts = match rows {
+            Rows::Full => super::bulk::row_statements(backend, part).map_err(db_error)?,
+            Rows::Identifiers => {
+                let mut models = Vec::with_capacity(part.len());
+                for u in part {
+                    models.push(users::ActiveModel::from(to_model(u)?));
+                }
+                user_statements(backend, models)
+            }
+        };
+        parts.push(stmts.into_iter().map(Step::from).collect());
+    }
+    if rows == Rows::Full {
+        parts.push(outbox.steps(backend, &super::bulk::creation_events(&refs)));
+    }
+    Ok(parts)
+}
+
+/// Inserts `make(i)` for every chunk index into the database at `url`
+/// (see `prepare`), one transaction per chunk, as the service's import runs
+/// them: on SQLite through its writer thread, on PostgreSQL one statement
+/// at a time on one connection. Returns the time spent in the database only
+/// (building the statements is not counted).
 pub async fn raw_insert(
     url: &str,
+    rows: Rows,
+    encode: EventEncoder,
     chunks: usize,
     make: impl Fn(usize) -> Vec<User>,
 ) -> Result<(u64, Duration), BoxError> {
     let mut spent = Duration::ZERO;
-    let mut rows = 0;
-    if url.starts_with("sqlite:") {
-        let conn = rusqlite::Connection::open(sqlite_path(url)?)?;
-        conn.pragma_update(None, "journal_mode", "wal")?;
-        conn.pragma_update(None, "synchronous", "normal")?;
-        conn.set_prepared_statement_cache_capacity(16);
-        for i in 0..chunks {
-            let chunk = make(i);
-            let stmts = statements(DatabaseBackend::Sqlite, &chunk)?;
-            let t0 = Instant::now();
-            conn.execute_batch("BEGIN")?;
-            for s in &stmts {
-                conn.prepare_cached(&s.sql)?
-                    .execute(rusqlite::params_from_iter(params(s)?))?;
-            }
-            conn.execute_batch("COMMIT")?;
-            spent += t0.elapsed();
-            rows += chunk.len() as u64;
-        }
+    let mut n = 0;
+    let outbox = Outbox::new(encode);
+    let writer = if url.starts_with("sqlite:") {
+        Some(SqliteWriter::open(url).ok_or("cannot open the ceiling's SQLite file")?)
     } else {
-        let db = super::connect(url, 1).await?;
-        for i in 0..chunks {
-            let chunk = make(i);
-            let stmts = statements(DatabaseBackend::Postgres, &chunk)?;
-            let t0 = Instant::now();
-            let txn = db.begin().await?;
-            for s in stmts {
-                txn.execute_raw(s).await?;
+        None
+    };
+    let db = match writer {
+        Some(_) => None,
+        None => Some(super::connect(url, 1).await?),
+    };
+    for i in 0..chunks {
+        let chunk = make(i);
+        let backend = if writer.is_some() {
+            DatabaseBackend::Sqlite
+        } else {
+            DatabaseBackend::Postgres
+        };
+        let parts = steps(backend, &outbox, &chunk, rows)?;
+        let t0 = Instant::now();
+        match (&writer, &db) {
+            (Some(w), _) => {
+                let mut txn = w.begin()?;
+                for part in parts {
+                    txn.run(part).await?;
+                }
+                txn.commit().await?;
             }
-            txn.commit().await?;
-            spent += t0.elapsed();
-            rows += chunk.len() as u64;
+            (None, Some(db)) => {
+                let txn = db.begin().await?;
+                for step in parts.into_iter().flatten() {
+                    txn.execute_raw(step.stmt).await?;
+                }
+                txn.commit().await?;
+            }
+            (None, None) => unreachable!("one of the two connections is open"),
         }
+        spent += t0.elapsed();
+        n += chunk.len() as u64;
     }
-    Ok((rows, spent))
+    Ok((n, spent))
 }
 
 /// Reads every user of `project` newest first in keyset pages of `page`,

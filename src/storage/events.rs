@@ -17,6 +17,7 @@ use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, TransactionTrait, Value};
 use tokio::sync::watch;
 
 use super::groups::{marks, sql};
+use super::sqlite_write::Step;
 use super::{SeaOrmRepository, db_error};
 use crate::domain::events::{
     Backlog, Event, EventEncoder, EventRepository, LogBounds, StoredEvent,
@@ -64,10 +65,26 @@ impl Outbox {
         conn: &C,
         events: &[Event],
     ) -> Result<(), DbErr> {
-        if events.is_empty() {
-            return Ok(());
+        for step in self.steps(conn.get_database_backend(), events) {
+            let changed = conn.execute_raw(step.stmt).await?.rows_affected();
+            if let Some(expected) = step.rows
+                && changed != expected
+            {
+                return Err(DbErr::Custom(format!(
+                    "appended {changed} of {expected} events"
+                )));
+            }
         }
-        let backend = conn.get_database_backend();
+        Ok(())
+    }
+
+    /// The statements `append` runs, for an executor of its own (see
+    /// `sqlite_write`); the same rule: last before the commit.
+    pub(crate) fn steps(&self, backend: DatabaseBackend, events: &[Event]) -> Vec<Step> {
+        let mut out = Vec::new();
+        if events.is_empty() {
+            return out;
+        }
         // Encoded before the head is bumped: its row stays locked from the
         // bump to the commit, and that time is what writers of a project
         // wait for.
@@ -92,13 +109,13 @@ impl Outbox {
                     ]);
                 }
                 if backend == DatabaseBackend::Postgres {
-                    append_pg(conn, project, n, rows).await?;
+                    out.push(append_pg(project, n, rows));
                 } else {
-                    append_sqlite(conn, project, n, rows).await?;
+                    out.extend(append_sqlite(project, n, rows));
                 }
             }
         }
-        Ok(())
+        out
     }
 
     /// Wakes this process's watchers; call after a commit that appended.
@@ -107,11 +124,10 @@ impl Outbox {
     }
 }
 
-/// The head bump as one statement: the project's head grows by `n` and
-/// returns the new head.
+/// The head bump as one statement: the project's head grows by `n` (and
+/// PostgreSQL's returns the new head).
 const BUMP: &str = "INSERT INTO event_heads (project, revision) VALUES (?, ?) \
-     ON CONFLICT (project) DO UPDATE SET revision = event_heads.revision + excluded.revision \
-     RETURNING revision";
+     ON CONFLICT (project) DO UPDATE SET revision = event_heads.revision + excluded.revision";
 
 /// One event row: its 1-based position `k` in the chunk, then event_id,
 /// event_type, resource, event_time, body.
@@ -119,78 +135,55 @@ type Row = [Value; 6];
 
 /// PostgreSQL: bump and insert in one statement, so that the head's row lock
 /// is taken as late as possible.
-async fn append_pg<C: ConnectionTrait>(
-    conn: &C,
-    project: &str,
-    n: i64,
-    rows: Vec<Row>,
-) -> Result<(), DbErr> {
+fn append_pg(project: &str, n: i64, rows: Vec<Row>) -> Step {
     let marks = vec!["(?::bigint, ?, ?, ?, ?::bigint, ?::bytea)"; rows.len()].join(", ");
-    let mut values = Vec::with_capacity(2 + rows.len() * 6);
-    values.extend([Value::from(project), Value::from(n)]);
-    values.extend(rows.into_iter().flatten());
     let template = format!(
-        "WITH h AS ({BUMP}) \
+        "WITH h AS ({BUMP} RETURNING revision) \
          INSERT INTO events (project, revision, event_id, event_type, resource, event_time, body) \
          SELECT h.project, h.revision - h.n + v.k, v.event_id, v.event_type, v.resource, \
                 v.event_time, v.body \
          FROM (SELECT ?::text AS project, ?::bigint AS n, revision FROM h) h, \
               (VALUES {marks}) AS v (k, event_id, event_type, resource, event_time, body)"
     );
-    // The bump's own two values come first, then the projection's copy.
-    let mut all = Vec::with_capacity(values.len() + 2);
-    all.extend([Value::from(project), Value::from(n)]);
-    all.extend(values);
-    let res = conn
-        .execute_raw(sql(DatabaseBackend::Postgres, &template, all))
-        .await?;
-    if res.rows_affected() != n as u64 {
-        return Err(DbErr::Custom(format!(
-            "appended {} of {n} events",
-            res.rows_affected()
-        )));
+    // The bump's own two values, then the projection's copy, then the rows.
+    let mut values = Vec::with_capacity(4 + rows.len() * 6);
+    values.extend([Value::from(project), Value::from(n)]);
+    values.extend([Value::from(project), Value::from(n)]);
+    values.extend(rows.into_iter().flatten());
+    Step {
+        stmt: sql(DatabaseBackend::Postgres, &template, values),
+        rows: Some(n as u64),
     }
-    Ok(())
 }
 
-/// SQLite (one writer at a time): bump, then insert with the numbers.
-async fn append_sqlite<C: ConnectionTrait>(
-    conn: &C,
-    project: &str,
-    n: i64,
-    rows: Vec<Row>,
-) -> Result<(), DbErr> {
+/// SQLite (one writer at a time): bump, then insert numbered from the
+/// bumped head.
+fn append_sqlite(project: &str, n: i64, rows: Vec<Row>) -> [Step; 2] {
     let backend = DatabaseBackend::Sqlite;
-    let head: i64 = conn
-        .query_one_raw(sql(backend, BUMP, vec![project.into(), n.into()]))
-        .await?
-        .ok_or_else(|| DbErr::Custom("event head not returned".into()))?
-        .try_get_by_index(0)?;
-    let marks = vec!["(?, ? + ?, ?, ?, ?, ?, ?)"; rows.len()].join(", ");
-    let mut values = Vec::with_capacity(rows.len() * 8);
-    for row in rows {
-        let [k, id, kind, resource, time, body] = row;
-        values.extend([
-            Value::from(project),
-            Value::from(head - n),
-            k,
-            id,
-            kind,
-            resource,
-            time,
-            body,
-        ]);
-    }
-    conn.execute_raw(sql(
-        backend,
-        &format!(
-            "INSERT INTO events (project, revision, event_id, event_type, resource, \
-             event_time, body) VALUES {marks}"
+    let bump = Step {
+        stmt: sql(backend, BUMP, vec![project.into(), n.into()]),
+        rows: Some(1),
+    };
+    let marks = vec!["(?, ?, ?, ?, ?, ?)"; rows.len()].join(", ");
+    let mut values = Vec::with_capacity(2 + rows.len() * 6);
+    values.push(Value::from(n));
+    values.extend(rows.into_iter().flatten());
+    values.push(Value::from(project));
+    let insert = Step {
+        stmt: sql(
+            backend,
+            &format!(
+                "INSERT INTO events (project, revision, event_id, event_type, resource, \
+                 event_time, body) \
+                 SELECT h.project, h.revision - ? + v.column1, v.column2, v.column3, \
+                        v.column4, v.column5, v.column6 \
+                 FROM (VALUES {marks}) AS v, event_heads h WHERE h.project = ?"
+            ),
+            values,
         ),
-        values,
-    ))
-    .await?;
-    Ok(())
+        rows: Some(n as u64),
+    };
+    [bump, insert]
 }
 
 impl EventRepository for SeaOrmRepository {

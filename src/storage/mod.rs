@@ -14,6 +14,7 @@ mod point_read;
 mod query;
 mod saves;
 mod sqlite_read;
+mod sqlite_write;
 mod terms;
 
 use std::time::Duration;
@@ -148,6 +149,9 @@ pub struct SeaOrmRepository {
     heavy: Arc<tokio::sync::Semaphore>,
     /// Every write appends its change events through this.
     outbox: Arc<Outbox>,
+    /// SQLite only: import chunks, each handed over whole (see
+    /// `sqlite_write`).
+    writer: Option<Arc<sqlite_write::SqliteWriter>>,
 }
 
 /// Tasks batching GetUser and LookupUser calls (see `point_read`).
@@ -176,6 +180,7 @@ impl SeaOrmRepository {
             point_readers: None,
             heavy: Arc::new(tokio::sync::Semaphore::new(4)),
             outbox,
+            writer: None,
         }
     }
 
@@ -198,6 +203,7 @@ impl SeaOrmRepository {
             }
             self.readers = SqliteReaders::open(url, 4, true).map(Arc::new);
             self.scan_readers = SqliteReaders::open(url, 2, false).map(Arc::new);
+            self.writer = sqlite_write::SqliteWriter::open(url).map(Arc::new);
         }
         self
     }
@@ -671,7 +677,7 @@ impl UserRepository for SeaOrmRepository {
 
     #[instrument(skip_all, fields(users = users.len()))]
     async fn import(&self, users: &[User]) -> Result<Vec<Option<StoredConflict>>, DomainError> {
-        bulk::import(&self.db, &self.outbox, users).await
+        bulk::import(&self.db, self.writer.as_deref(), &self.outbox, users).await
     }
 
     #[instrument(skip_all, fields(project = %user.project))]

@@ -8,7 +8,8 @@
 //! prepared statements, each owned by a reader thread of its own: never on
 //! an async worker, and a caller waits for its answer asynchronously. A call
 //! that is cancelled (the client went away, its deadline passed) interrupts
-//! its statement. Writes stay on sea-orm.
+//! its statement. Writes stay on sea-orm, except import chunks (see
+//! `sqlite_write`).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -223,6 +224,7 @@ pub(crate) fn params(stmt: &sea_orm::Statement) -> rusqlite::Result<Vec<rusqlite
                 }
                 V::Unsigned(n) => n.map_or(S::Null, |n| S::Integer(i64::from(n))),
                 V::String(t) => t.clone().map_or(S::Null, S::Text),
+                V::Bytes(b) => b.clone().map_or(S::Null, S::Blob),
                 other => {
                     return Err(rusqlite::Error::ToSqlConversionFailure(
                         format!("unsupported bound value {other:?}").into(),

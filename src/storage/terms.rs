@@ -4,7 +4,10 @@
 use std::collections::BTreeSet;
 
 use migration::terms::{Indexed, terms};
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseBackend, DbErr, EntityTrait,
+    QueryFilter, QueryTrait, Statement,
+};
 
 use super::entity::user_terms;
 use crate::domain::{Email, User};
@@ -42,31 +45,63 @@ pub(crate) fn of(u: &User) -> BTreeSet<(i16, String)> {
     })
 }
 
-/// Inserts the terms of new users, in multi-row statements of a few fixed
-/// sizes (each size is one prepared statement).
+/// The INSERTs of the terms of new users: multi-row statements of a few
+/// fixed sizes (each size is one prepared statement), rows sorted by key, so
+/// that the statements walk the term index in order instead of landing all
+/// over it.
+pub(crate) fn statements<'a>(
+    backend: DatabaseBackend,
+    users: impl IntoIterator<Item = &'a User>,
+) -> Vec<Statement> {
+    let mut keyed: Vec<(i16, String, &User)> = Vec::new();
+    for u in users {
+        keyed.extend(of(u).into_iter().map(|(kind, term)| (kind, term, u)));
+    }
+    keyed.sort_by(|a, b| {
+        (
+            a.2.project.as_str(),
+            a.0,
+            &a.1,
+            a.2.create_time.nanos(),
+            a.2.id.as_str(),
+        )
+            .cmp(&(
+                b.2.project.as_str(),
+                b.0,
+                &b.1,
+                b.2.create_time.nanos(),
+                b.2.id.as_str(),
+            ))
+    });
+    let mut rows: Vec<user_terms::ActiveModel> = keyed
+        .into_iter()
+        .map(|(kind, term, u)| user_terms::ActiveModel {
+            project: Set(u.project.as_str().to_owned()),
+            kind: Set(kind),
+            term: Set(term),
+            create_time: Set(u.create_time.nanos()),
+            user_id: Set(u.id.as_str().to_owned()),
+        })
+        .collect();
+    const SIZES: [usize; 4] = [128, 32, 8, 1];
+    let mut out = Vec::new();
+    while !rows.is_empty() {
+        let size = SIZES.into_iter().find(|s| *s <= rows.len()).unwrap_or(1);
+        let rest = rows.split_off(size);
+        out.push(
+            user_terms::Entity::insert_many(std::mem::replace(&mut rows, rest)).build(backend),
+        );
+    }
+    out
+}
+
+/// Inserts the terms of new users (see `statements`).
 pub(crate) async fn insert<'a, C: ConnectionTrait>(
     conn: &C,
     users: impl IntoIterator<Item = &'a User>,
 ) -> Result<(), DbErr> {
-    let mut rows: Vec<user_terms::ActiveModel> = Vec::new();
-    for u in users {
-        for (kind, term) in of(u) {
-            rows.push(user_terms::ActiveModel {
-                project: Set(u.project.as_str().to_owned()),
-                kind: Set(kind),
-                term: Set(term),
-                create_time: Set(u.create_time.nanos()),
-                user_id: Set(u.id.as_str().to_owned()),
-            });
-        }
-    }
-    const SIZES: [usize; 4] = [128, 32, 8, 1];
-    while !rows.is_empty() {
-        let size = SIZES.into_iter().find(|s| *s <= rows.len()).unwrap_or(1);
-        let rest = rows.split_off(size);
-        user_terms::Entity::insert_many(std::mem::replace(&mut rows, rest))
-            .exec_without_returning(conn)
-            .await?;
+    for stmt in statements(conn.get_database_backend(), users) {
+        conn.execute_raw(stmt).await?;
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ use prost_types::FieldMask;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
+use user_service::grpc::IMPORT_CHUNK;
 use user_service::proto::users::v1 as pb;
 
 use crate::both_engines;
@@ -24,7 +25,9 @@ use crate::harness::*;
 use crate::list::{list_all, list_req};
 use crate::server::Process;
 
-const TOTAL: usize = 20_000;
+/// More than the four acknowledged chunks the client waits for can hold
+/// (chunks grow up to IMPORT_CHUNK while the server is busy).
+const TOTAL: usize = 8 * IMPORT_CHUNK;
 const PER_MESSAGE: usize = 250;
 
 /// Starts the server on `db` again after a SIGKILL and says how long
@@ -160,7 +163,7 @@ async fn sigkill_mid_import_loses_nothing_acknowledged(engine: Engine) {
     // At most what was in flight beyond the ack: the chunk being committed
     // and the acks queued behind it.
     assert!(
-        m - (acked as usize + 1) <= 6 * 1000,
+        m - (acked as usize + 1) <= 6 * IMPORT_CHUNK,
         "{m} stored, acked through {acked}"
     );
     // The index terms were written with the users.

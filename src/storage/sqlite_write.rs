@@ -1,0 +1,213 @@
+//! Bulk writes on the SQLite engine through one read-write rusqlite
+//! connection, owned by a writer thread of its own.
+//!
+//! An import chunk is thousands of statements (users, their index terms,
+//! their events). Through sqlx each statement is one hand-off to the
+//! connection's worker thread and back, and the service's task waits for it
+//! before handing over the next: a profile of a 200,000-user import showed
+//! the two cores 37 % idle, the database and the service taking turns. Here
+//! the caller builds the statements (with the same builders the pool path
+//! and the other engine run) and hands them over in parts of a few hundred
+//! users, building the next part while the writer thread runs the last one
+//! with cached prepared statements; it waits once, for the commit. SQLite has
+//! one writer at a time: this connection takes the write lock when its
+//! transaction begins (`BEGIN IMMEDIATE`) and waits
+//! for the pool's writers as they wait for it (busy timeout).
+
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use sea_orm::Statement;
+use tokio::sync::oneshot;
+
+use super::sqlite_read::params;
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// Why a transaction did not commit.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WriteError {
+    /// A unique index (or primary key) refused a row; nothing was written.
+    #[error("unique constraint failed: {0}")]
+    Unique(String),
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("a statement changed {changed} rows, not {expected}")]
+    Changed { expected: u64, changed: u64 },
+    #[error("the SQLite writer stopped")]
+    Stopped,
+    #[error("the transaction was dropped before its commit")]
+    Abandoned,
+    #[error("building a statement failed: {0}")]
+    Build(String),
+}
+
+/// One statement of a transaction, with the number of rows it must change
+/// when that is known (anything else rolls the transaction back).
+pub(crate) struct Step {
+    pub(crate) stmt: Statement,
+    pub(crate) rows: Option<u64>,
+}
+
+impl From<Statement> for Step {
+    fn from(stmt: Statement) -> Self {
+        Step { stmt, rows: None }
+    }
+}
+
+pub(crate) struct SqliteWriter {
+    jobs: flume::Sender<Job>,
+}
+
+/// How long a transaction waits for the write lock (as the pool's
+/// connections do).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pages in the write-ahead log before a commit of this connection
+/// checkpoints it (32 MiB of 4 KiB pages).
+const WAL_PAGES: i64 = 8192;
+
+/// Bytes the log file is cut back to after a checkpoint.
+const WAL_LIMIT: i64 = 64 << 20;
+
+impl SqliteWriter {
+    /// Opens a read-write connection to the (existing) database file of a
+    /// sqlite:// URL and starts its thread; `None` for in-memory databases
+    /// or anything that cannot be opened (the pool then does every write).
+    pub(crate) fn open(url: &str) -> Option<Self> {
+        use std::str::FromStr;
+        let opts = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+        let path = opts.get_filename().to_owned();
+        if url.contains(":memory:") || url.contains("mode=memory") || !path.exists() {
+            return None;
+        }
+        let mut conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .ok()?;
+        // The pool's settings (see `connect_with`).
+        conn.busy_timeout(BUSY_TIMEOUT).ok()?;
+        conn.pragma_update(None, "synchronous", "normal").ok()?;
+        conn.pragma_update(None, "foreign_keys", true).ok()?;
+        conn.pragma_update(None, "temp_store", "memory").ok()?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .ok()?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return None;
+        }
+        // A chunk dirties pages all over the term and identifier indexes;
+        // checkpointing after every 1000 pages (the default) copies the
+        // same hot pages into the file again and again. A larger log lets
+        // a checkpoint copy the last version of each once; the file is cut
+        // back to `WAL_LIMIT` after each.
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES)
+            .ok()?;
+        conn.pragma_update(None, "journal_size_limit", WAL_LIMIT)
+            .ok()?;
+        // Every multi-row shape of users, terms and events.
+        conn.set_prepared_statement_cache_capacity(32);
+        let (jobs, queue) = flume::unbounded::<Job>();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || {
+                // Ends when the repository (the last sender) is dropped.
+                while let Ok(job) = queue.recv() {
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+                }
+            })
+            .ok()?;
+        Some(Self { jobs })
+    }
+
+    /// Begins a transaction on the writer thread (it waits there for the
+    /// write lock); the caller then hands over its statements in parts with
+    /// `Transaction::run` while building the next part, and commits. The
+    /// caller waits asynchronously. A transaction whose handle is dropped
+    /// before `commit` rolls back.
+    pub(crate) fn begin(&self) -> Result<Transaction, WriteError> {
+        let (parts, queue) = flume::bounded::<Part>(2);
+        let (tx, done) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn: &mut Connection| {
+                let _ = tx.send(run(conn, &queue));
+            }))
+            .map_err(|_| WriteError::Stopped)?;
+        Ok(Transaction { parts, done })
+    }
+}
+
+enum Part {
+    Steps(Vec<Step>),
+    Commit,
+}
+
+/// A transaction running on the writer thread (see `SqliteWriter::begin`).
+pub(crate) struct Transaction {
+    parts: flume::Sender<Part>,
+    done: oneshot::Receiver<Result<(), WriteError>>,
+}
+
+impl Transaction {
+    /// Hands `steps` over; they run after those handed over before. When
+    /// the transaction has already failed, its error.
+    pub(crate) async fn run(&mut self, steps: Vec<Step>) -> Result<(), WriteError> {
+        if self.parts.send_async(Part::Steps(steps)).await.is_ok() {
+            return Ok(());
+        }
+        // The writer stopped taking parts: it rolled back.
+        Err((&mut self.done)
+            .await
+            .map_err(|_| WriteError::Stopped)?
+            .err()
+            .unwrap_or(WriteError::Stopped))
+    }
+
+    /// Commits once every step handed over has run.
+    pub(crate) async fn commit(self) -> Result<(), WriteError> {
+        let _ = self.parts.send_async(Part::Commit).await;
+        self.done.await.map_err(|_| WriteError::Stopped)?
+    }
+}
+
+fn run(conn: &mut Connection, parts: &flume::Receiver<Part>) -> Result<(), WriteError> {
+    let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Waits (on this thread) for the caller's next part; a caller that went
+    // away closes the queue without a commit, and dropping `txn` rolls back.
+    while let Ok(part) = parts.recv() {
+        let steps = match part {
+            Part::Steps(steps) => steps,
+            Part::Commit => {
+                txn.commit()?;
+                return Ok(());
+            }
+        };
+        for step in &steps {
+            let changed = txn
+                .prepare_cached(&step.stmt.sql)?
+                .execute(rusqlite::params_from_iter(params(&step.stmt)?))
+                .map_err(classify)? as u64;
+            if let Some(expected) = step.rows
+                && expected != changed
+            {
+                return Err(WriteError::Changed { expected, changed });
+            }
+        }
+    }
+    Err(WriteError::Abandoned)
+}
+
+fn classify(e: rusqlite::Error) -> WriteError {
+    use rusqlite::ffi;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, msg)
+            if f.extended_code == ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+        {
+            WriteError::Unique(msg.clone().unwrap_or_default())
+        }
+        _ => WriteError::Sqlite(e),
+    }
+}
