@@ -476,6 +476,9 @@ struct Moved {
     users: u64,
     failed: u64,
     elapsed: Duration,
+    /// Imports: how long the first and the last 100,000 users took to be
+    /// acknowledged (when at least 200,000 were sent).
+    ends: Option<(Duration, Duration)>,
 }
 
 impl Moved {
@@ -489,20 +492,38 @@ async fn run_import(
     messages: Vec<pb::ImportUsersRequest>,
 ) -> Result<Moved, BoxError> {
     let mut client = UserServiceClient::new(channel);
+    let total: i64 = messages.iter().map(|m| m.users.len() as i64).sum();
+    const END: i64 = 100_000;
     let t0 = Instant::now();
     let mut acks = client
         .import_users(tokio_stream::iter(messages))
         .await?
         .into_inner();
     let (mut users, mut failed) = (0, 0);
+    // When the first END users and all but the last END were acknowledged
+    // (a chunk straddling the mark counts at its acknowledgement).
+    let (mut first, mut before_last) = (None, None);
     while let Some(a) = acks.message().await? {
         users += a.created_count as u64;
         failed += a.failures.len() as u64;
+        let settled = a.committed_through + 1;
+        if settled >= END && first.is_none() {
+            first = Some(t0.elapsed());
+        }
+        if settled >= total - END && before_last.is_none() {
+            before_last = Some(t0.elapsed());
+        }
     }
+    let elapsed = t0.elapsed();
+    let ends = match (first, before_last) {
+        (Some(f), Some(b)) if total >= 2 * END => Some((f, elapsed - b)),
+        _ => None,
+    };
     Ok(Moved {
         users,
         failed,
-        elapsed: t0.elapsed(),
+        elapsed,
+        ends,
     })
 }
 
@@ -584,6 +605,7 @@ async fn run_stream(channel: Channel) -> Result<Moved, BoxError> {
         users,
         failed: 0,
         elapsed: t0.elapsed(),
+        ends: None,
     })
 }
 
@@ -620,6 +642,7 @@ async fn run_watch(channel: Channel) -> Result<Moved, BoxError> {
         users: events,
         failed: 0,
         elapsed: t0.elapsed(),
+        ends: None,
     })
 }
 
@@ -1134,6 +1157,14 @@ async fn run(args: Args) -> Result<bool, BoxError> {
                 mib(peak),
                 mib(anon),
             );
+            if let Some((first, last)) = moved.ends {
+                println!(
+                    "  first 100,000 users acknowledged after {:.2} s, the last 100,000 took {:.2} s: {:.2}x",
+                    first.as_secs_f64(),
+                    last.as_secs_f64(),
+                    last.as_secs_f64() / first.as_secs_f64()
+                );
+            }
             if args.target.is_none() {
                 // The raw ceilings with the same rows, in this run.
                 if s == Scenario::Import {

@@ -75,18 +75,28 @@ async fn store_on(
     outbox: &Outbox,
     users: &[&User],
 ) -> Result<(), WriteError> {
+    if users.is_empty() {
+        return Ok(());
+    }
     let backend = DatabaseBackend::Sqlite;
-    let mut txn = writer.begin()?;
-    for part in users.chunks(PART) {
-        let steps = row_statements(backend, part)
+    // Built before the writer takes the lock: the events last (the head's
+    // bump is the last statement), the first part before it begins.
+    let events = outbox.steps(backend, &creation_events(users));
+    let part = |users: &[&User]| -> Result<Vec<Step>, WriteError> {
+        Ok(row_statements(backend, users)
             .map_err(|e| WriteError::Build(e.to_string()))?
             .into_iter()
             .map(Step::from)
-            .collect();
-        txn.run(steps).await?;
+            .collect())
+    };
+    let mut parts = users.chunks(PART);
+    let first = part(parts.next().unwrap_or_default())?;
+    let mut txn = writer.begin()?;
+    txn.run(first).await?;
+    for users in parts {
+        txn.run(part(users)?).await?;
     }
-    txn.run(outbox.steps(backend, &creation_events(users)))
-        .await?;
+    txn.run(events).await?;
     txn.commit().await
 }
 
@@ -110,9 +120,7 @@ async fn store_chunk(
         return match store_on(writer, outbox, users).await {
             Ok(()) => Ok(()),
             Err(WriteError::Unique(_)) => Err(Refused::Unique),
-            Err(e) => Err(Refused::Failed(DomainError::Unavailable(format!(
-                "storing an import chunk failed: {e}"
-            )))),
+            Err(e) => Err(Refused::Failed(e.into_domain("storing an import chunk"))),
         };
     }
     let txn = db.begin().await.map_err(|e| Refused::Failed(db_error(e)))?;

@@ -14,8 +14,8 @@ use sea_orm::{
 use super::batch::user_statements;
 use super::entity::users;
 use super::events::Outbox;
-use super::sqlite_read::{COLUMNS, model, params};
-use super::sqlite_write::{SqliteWriter, Step};
+use super::sqlite_read::{COLUMNS, file_of, model, params};
+use super::sqlite_write::{SqliteWriter, Step, check_rows};
 use super::{db_error, to_model};
 use crate::domain::events::EventEncoder;
 use crate::domain::{DomainError, User};
@@ -127,7 +127,8 @@ pub async fn raw_insert(
             (None, Some(db)) => {
                 let txn = db.begin().await?;
                 for step in parts.into_iter().flatten() {
-                    txn.execute_raw(step.stmt).await?;
+                    let changed = txn.execute_raw(step.stmt).await?.rows_affected();
+                    check_rows(step.rows, changed)?;
                 }
                 txn.commit().await?;
             }
@@ -152,7 +153,7 @@ pub async fn raw_scan(url: &str, project: &str, page: u64) -> Result<(u64, Durat
     };
     let sqlite = match &db {
         None => Some(rusqlite::Connection::open_with_flags(
-            sqlite_path(url)?,
+            file_of(url).ok_or("no such SQLite file")?,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )?),
         Some(_) => None,
@@ -199,10 +200,4 @@ pub async fn raw_scan(url: &str, project: &str, page: u64) -> Result<(u64, Durat
         }
     }
     Ok((n, t0.elapsed()))
-}
-
-fn sqlite_path(url: &str) -> Result<std::path::PathBuf, BoxError> {
-    use std::str::FromStr;
-    let opts = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
-    Ok(opts.get_filename().to_owned())
 }

@@ -17,7 +17,7 @@ use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, TransactionTrait, Value};
 use tokio::sync::watch;
 
 use super::groups::{marks, sql};
-use super::sqlite_write::Step;
+use super::sqlite_write::{Step, check_rows};
 use super::{SeaOrmRepository, db_error};
 use crate::domain::events::{
     Backlog, Event, EventEncoder, EventRepository, LogBounds, StoredEvent,
@@ -67,13 +67,8 @@ impl Outbox {
     ) -> Result<(), DbErr> {
         for step in self.steps(conn.get_database_backend(), events) {
             let changed = conn.execute_raw(step.stmt).await?.rows_affected();
-            if let Some(expected) = step.rows
-                && changed != expected
-            {
-                return Err(DbErr::Custom(format!(
-                    "appended {changed} of {expected} events"
-                )));
-            }
+            check_rows(step.rows, changed)
+                .map_err(|e| DbErr::Custom(format!("appending events: {e}")))?;
         }
         Ok(())
     }

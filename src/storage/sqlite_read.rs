@@ -80,12 +80,7 @@ impl SqliteReaders {
     /// `mmap`: map the file (fast point reads, but every page a scan
     /// touches then counts in the process's RSS).
     pub(crate) fn open(url: &str, n: usize, mmap: bool) -> Option<Self> {
-        use std::str::FromStr;
-        let opts = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
-        let path = opts.get_filename().to_owned();
-        if url.contains(":memory:") || url.contains("mode=memory") || !path.exists() {
-            return None;
-        }
+        let path = file_of(url)?;
         let mut conns = Vec::with_capacity(n);
         for _ in 0..n.max(1) {
             let c = Connection::open_with_flags(
@@ -204,6 +199,18 @@ impl SqliteReaders {
 }
 
 /// The bound values of a statement as SQLite values.
+/// The existing database file a sqlite:// URL names; `None` for in-memory
+/// databases and files that do not exist.
+pub(crate) fn file_of(url: &str) -> Option<std::path::PathBuf> {
+    use std::str::FromStr;
+    let opts = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+    let path = opts.get_filename().to_owned();
+    if url.contains(":memory:") || url.contains("mode=memory") || !path.exists() {
+        return None;
+    }
+    Some(path)
+}
+
 pub(crate) fn params(stmt: &sea_orm::Statement) -> rusqlite::Result<Vec<rusqlite::types::Value>> {
     use rusqlite::types::Value as S;
     use sea_orm::Value as V;

@@ -20,7 +20,10 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use sea_orm::Statement;
 use tokio::sync::oneshot;
 
-use super::sqlite_read::params;
+use tracing::{error, warn};
+
+use super::sqlite_read::{file_of, params};
+use crate::domain::DomainError;
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -49,6 +52,15 @@ pub(crate) struct Step {
     pub(crate) rows: Option<u64>,
 }
 
+/// Whether a step that must change `rows` rows (when known) and changed
+/// `changed` may go on.
+pub(crate) fn check_rows(rows: Option<u64>, changed: u64) -> Result<(), WriteError> {
+    match rows {
+        Some(expected) if expected != changed => Err(WriteError::Changed { expected, changed }),
+        _ => Ok(()),
+    }
+}
+
 impl From<Statement> for Step {
     fn from(stmt: Statement) -> Self {
         Step { stmt, rows: None }
@@ -75,51 +87,55 @@ impl SqliteWriter {
     /// sqlite:// URL and starts its thread; `None` for in-memory databases
     /// or anything that cannot be opened (the pool then does every write).
     pub(crate) fn open(url: &str) -> Option<Self> {
-        use std::str::FromStr;
-        let opts = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
-        let path = opts.get_filename().to_owned();
-        if url.contains(":memory:") || url.contains("mode=memory") || !path.exists() {
-            return None;
+        let path = file_of(url)?;
+        let opened = Self::connect(&path);
+        if let Err(e) = &opened {
+            warn!(error = %e, "no SQLite writer thread; imports write through the pool");
         }
-        let mut conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .ok()?;
-        // The pool's settings (see `connect_with`).
-        conn.busy_timeout(BUSY_TIMEOUT).ok()?;
-        conn.pragma_update(None, "synchronous", "normal").ok()?;
-        conn.pragma_update(None, "foreign_keys", true).ok()?;
-        conn.pragma_update(None, "temp_store", "memory").ok()?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .ok()?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return None;
-        }
-        // A chunk dirties pages all over the term and identifier indexes;
-        // checkpointing after every 1000 pages (the default) copies the
-        // same hot pages into the file again and again. A larger log lets
-        // a checkpoint copy the last version of each once; the file is cut
-        // back to `WAL_LIMIT` after each.
-        conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES)
-            .ok()?;
-        conn.pragma_update(None, "journal_size_limit", WAL_LIMIT)
-            .ok()?;
-        // Every multi-row shape of users, terms and events.
-        conn.set_prepared_statement_cache_capacity(32);
+        let mut conn = opened.ok()?;
         let (jobs, queue) = flume::unbounded::<Job>();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
                 // Ends when the repository (the last sender) is dropped.
                 while let Ok(job) = queue.recv() {
+                    // A failed rollback (or a panic) must not leave the
+                    // next job inside this one's transaction.
+                    if !conn.is_autocommit() {
+                        let _ = conn.execute_batch("ROLLBACK");
+                    }
                     let _ =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
                 }
             })
             .ok()?;
         Some(Self { jobs })
+    }
+
+    fn connect(path: &std::path::Path) -> Result<Connection, WriteError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        // The pool's settings (see `connect_with`).
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.pragma_update(None, "synchronous", "normal")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.pragma_update(None, "temp_store", "memory")?;
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(WriteError::Build(format!("journal mode {mode}, not wal")));
+        }
+        // A chunk dirties pages all over the term and identifier indexes;
+        // checkpointing after every 1000 pages (the default) copies the
+        // same hot pages into the file again and again. A larger log lets
+        // a checkpoint copy the last version of each once; the file is cut
+        // back to `WAL_LIMIT` after each.
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_LIMIT)?;
+        // Every multi-row shape of users, terms and events.
+        conn.set_prepared_statement_cache_capacity(32);
+        Ok(conn)
     }
 
     /// Begins a transaction on the writer thread (it waits there for the
@@ -173,10 +189,13 @@ impl Transaction {
 }
 
 fn run(conn: &mut Connection, parts: &flume::Receiver<Part>) -> Result<(), WriteError> {
+    // The write lock is taken once the first part is here, not while the
+    // caller is still building it.
+    let Ok(mut part) = parts.recv() else {
+        return Err(WriteError::Abandoned);
+    };
     let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // Waits (on this thread) for the caller's next part; a caller that went
-    // away closes the queue without a commit, and dropping `txn` rolls back.
-    while let Ok(part) = parts.recv() {
+    loop {
         let steps = match part {
             Part::Steps(steps) => steps,
             Part::Commit => {
@@ -189,14 +208,41 @@ fn run(conn: &mut Connection, parts: &flume::Receiver<Part>) -> Result<(), Write
                 .prepare_cached(&step.stmt.sql)?
                 .execute(rusqlite::params_from_iter(params(&step.stmt)?))
                 .map_err(classify)? as u64;
-            if let Some(expected) = step.rows
-                && expected != changed
-            {
-                return Err(WriteError::Changed { expected, changed });
-            }
+            check_rows(step.rows, changed)?;
+        }
+        // Waits (on this thread) for the caller's next part. A caller that
+        // went away closes the queue without a commit: what it queued is
+        // not run, and dropping `txn` rolls back.
+        part = match parts.recv() {
+            Ok(next) if !parts.is_disconnected() || matches!(next, Part::Commit) => next,
+            _ => return Err(WriteError::Abandoned),
+        };
+    }
+}
+
+impl WriteError {
+    /// A client's view: the database is busy or unreachable (retry), or
+    /// something is wrong with this service (logged).
+    pub(crate) fn into_domain(self, what: &str) -> DomainError {
+        let transient = match &self {
+            WriteError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::DiskFull
+            ),
+            WriteError::Stopped | WriteError::Abandoned => true,
+            _ => false,
+        };
+        if transient {
+            warn!(error = %self, "{what}: database unavailable");
+            DomainError::Unavailable(format!("{what}: {self}"))
+        } else {
+            error!(error = %self, "{what}: database error");
+            DomainError::Internal(format!("{what}: {self}"))
         }
     }
-    Err(WriteError::Abandoned)
 }
 
 fn classify(e: rusqlite::Error) -> WriteError {
