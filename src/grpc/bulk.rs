@@ -27,8 +27,8 @@ const OUTPUT_BYTES_PER_USER: usize = 256;
 pub const MAX_BATCH_CREATE: usize = 1000;
 
 /// Users an import commits in one transaction (at most; a chunk is also cut
-/// when the client pauses and the committer is free, so that every user sent
-/// is acknowledged promptly).
+/// when the client pauses and no earlier chunk waits to be stored, so that
+/// every user sent is acknowledged promptly).
 pub const IMPORT_CHUNK: usize = 5000;
 
 /// An import refreshes the planner's statistics after storing this many
@@ -500,11 +500,12 @@ async fn read_import(
         } else {
             match futures_now(inbound.message()) {
                 Some(m) => m,
-                // The client paused: the committer takes what is pending as
-                // soon as it is free. Until then what arrives joins the
-                // pending chunk, so chunks grow while the database is the
-                // slower side (fewer, larger transactions) and stay small
-                // while the client is.
+                // The client paused: what is pending goes as soon as no
+                // earlier chunk waits for the committer (one may be being
+                // stored). Until then what arrives joins the pending chunk,
+                // so chunks grow while the database is the slower side
+                // (fewer, larger transactions) and stay small while the
+                // client is.
                 None => tokio::select! {
                     biased;
                     slot = chunks.reserve() => {

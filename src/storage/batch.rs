@@ -199,22 +199,34 @@ async fn store_batch(
         .collect())
 }
 
-/// Multi-row INSERTs in a few fixed sizes: a statement's text depends on its
-/// row count, and fixed sizes keep every shape in the prepared-statement
-/// cache instead of parsing a new one per batch.
-pub(crate) fn user_statements(
-    backend: sea_orm::DatabaseBackend,
-    mut models: Vec<users::ActiveModel>,
-) -> Vec<sea_orm::Statement> {
-    use sea_orm::QueryTrait;
-    const SIZES: [usize; 4] = [64, 16, 4, 1];
+/// `items` cut into parts of the fixed `sizes` (largest first, the last 1):
+/// a multi-row statement's text depends on its row count, and a few fixed
+/// counts keep every shape in the prepared-statement cache instead of
+/// parsing a new one per batch.
+pub(crate) fn fixed_parts<T>(mut items: Vec<T>, sizes: &[usize]) -> Vec<Vec<T>> {
     let mut out = Vec::new();
-    while !models.is_empty() {
-        let size = SIZES.into_iter().find(|s| *s <= models.len()).unwrap_or(1);
-        let rest = models.split_off(size);
-        out.push(users::Entity::insert_many(std::mem::replace(&mut models, rest)).build(backend));
+    while !items.is_empty() {
+        let size = sizes
+            .iter()
+            .copied()
+            .find(|s| *s <= items.len())
+            .unwrap_or(1);
+        let rest = items.split_off(size);
+        out.push(std::mem::replace(&mut items, rest));
     }
     out
+}
+
+/// The multi-row INSERTs of `models`.
+pub(crate) fn user_statements(
+    backend: sea_orm::DatabaseBackend,
+    models: Vec<users::ActiveModel>,
+) -> Vec<sea_orm::Statement> {
+    use sea_orm::QueryTrait;
+    fixed_parts(models, &[64, 16, 4, 1])
+        .into_iter()
+        .map(|part| users::Entity::insert_many(part).build(backend))
+        .collect()
 }
 
 /// Inserts `models` with the statements of `user_statements`.

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, TransactionTrait, Value};
 use tokio::sync::watch;
 
+use super::batch::fixed_parts;
 use super::groups::{marks, sql};
 use super::sqlite_write::{Step, check_rows};
 use super::{SeaOrmRepository, db_error};
@@ -24,25 +25,8 @@ use crate::domain::events::{
 };
 use crate::domain::{DomainError, ProjectId, Timestamp};
 
-/// Rows per multi-row INSERT (at most 8 parameters each), largest first: a
-/// statement's text depends on its row count, and a few fixed counts keep
-/// every shape in the prepared-statement cache.
+/// Rows per multi-row INSERT (at most 8 parameters each; see `fixed_parts`).
 const ROW_COUNTS: [usize; 4] = [256, 16, 4, 1];
-
-/// `items` in chunks of the sizes of `ROW_COUNTS`.
-fn fixed_chunks<T>(mut items: &[T]) -> Vec<&[T]> {
-    let mut out = Vec::new();
-    while !items.is_empty() {
-        let size = ROW_COUNTS
-            .into_iter()
-            .find(|n| *n <= items.len())
-            .unwrap_or(1);
-        let (head, rest) = items.split_at(size);
-        out.push(head);
-        items = rest;
-    }
-    out
-}
 
 /// Appends events and tells this process's watchers about new commits.
 pub(crate) struct Outbox {
@@ -89,7 +73,7 @@ impl Outbox {
             by_project.entry(e.project.as_str()).or_default().push(i);
         }
         for (project, indexes) in by_project {
-            for chunk in fixed_chunks(&indexes) {
+            for chunk in fixed_parts(indexes, &ROW_COUNTS) {
                 let n = chunk.len() as i64;
                 let mut rows = Vec::with_capacity(chunk.len());
                 for (k, &i) in chunk.iter().enumerate() {

@@ -9,6 +9,7 @@ use sea_orm::{
     QueryFilter, QueryTrait, Statement,
 };
 
+use super::batch::fixed_parts;
 use super::entity::user_terms;
 use crate::domain::{Email, User};
 
@@ -73,7 +74,7 @@ pub(crate) fn statements<'a>(
                 b.2.id.as_str(),
             ))
     });
-    let mut rows: Vec<user_terms::ActiveModel> = keyed
+    let rows: Vec<user_terms::ActiveModel> = keyed
         .into_iter()
         .map(|(kind, term, u)| user_terms::ActiveModel {
             project: Set(u.project.as_str().to_owned()),
@@ -83,16 +84,10 @@ pub(crate) fn statements<'a>(
             user_id: Set(u.id.as_str().to_owned()),
         })
         .collect();
-    const SIZES: [usize; 4] = [128, 32, 8, 1];
-    let mut out = Vec::new();
-    while !rows.is_empty() {
-        let size = SIZES.into_iter().find(|s| *s <= rows.len()).unwrap_or(1);
-        let rest = rows.split_off(size);
-        out.push(
-            user_terms::Entity::insert_many(std::mem::replace(&mut rows, rest)).build(backend),
-        );
-    }
-    out
+    fixed_parts(rows, &[128, 32, 8, 1])
+        .into_iter()
+        .map(|part| user_terms::Entity::insert_many(part).build(backend))
+        .collect()
 }
 
 /// Inserts the terms of new users (see `statements`).
