@@ -418,8 +418,10 @@ pub(super) fn import<R: UserRepository>(
                 break;
             }
         }
+        // The client has every acknowledgement: its stream ends now, not
+        // after the refresh, which runs on its own.
         if unanalyzed >= ANALYZE_AFTER {
-            users.refresh_statistics().await;
+            tokio::spawn(async move { users.refresh_statistics().await });
         }
     });
     ReceiverStream::new(rx)

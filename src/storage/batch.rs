@@ -203,16 +203,18 @@ async fn store_batch(
 /// a multi-row statement's text depends on its row count, and a few fixed
 /// counts keep every shape in the prepared-statement cache instead of
 /// parsing a new one per batch.
-pub(crate) fn fixed_parts<T>(mut items: Vec<T>, sizes: &[usize]) -> Vec<Vec<T>> {
+pub(crate) fn fixed_parts<T>(items: Vec<T>, sizes: &[usize]) -> Vec<Vec<T>> {
     let mut out = Vec::new();
-    while !items.is_empty() {
+    // Each part is a vector of its own size (cutting with `split_off` would
+    // leave every part holding the capacity of what it was cut from).
+    let mut rest = items.into_iter();
+    while rest.len() > 0 {
         let size = sizes
             .iter()
             .copied()
-            .find(|s| *s <= items.len())
+            .find(|s| *s > 0 && *s <= rest.len())
             .unwrap_or(1);
-        let rest = items.split_off(size);
-        out.push(std::mem::replace(&mut items, rest));
+        out.push(rest.by_ref().take(size).collect());
     }
     out
 }

@@ -773,6 +773,10 @@ impl UserRepository for SeaOrmRepository {
                 .acquire()
                 .await
                 .map_err(|e| db_error(DbErr::Conn(RuntimeErr::SqlxError(e.into()))))?;
+            // Never back into the pool: should a step fail (or this future
+            // be dropped) between the SET and the RESET, the connection
+            // would serve calls without their statement timeout.
+            conn.close_on_drop();
             for step in [
                 "SET statement_timeout = 0",
                 // Another replica's (or autovacuum's for wraparound) run
