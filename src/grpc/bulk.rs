@@ -418,10 +418,10 @@ pub(super) fn import<R: UserRepository>(
                 break;
             }
         }
-        // The client has every acknowledgement: its stream ends now, not
-        // after the refresh, which runs on its own.
+        // Before the stream ends: a client that queries right after its
+        // import gets plans made with the new rows' statistics.
         if unanalyzed >= ANALYZE_AFTER {
-            tokio::spawn(async move { users.refresh_statistics().await });
+            users.refresh_statistics().await;
         }
     });
     ReceiverStream::new(rx)
