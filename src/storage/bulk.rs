@@ -25,8 +25,8 @@ fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
-/// The statements storing users: their rows, then their index terms.
-pub(crate) fn row_statements(
+/// The statements storing the users' rows only.
+pub(crate) fn user_rows(
     backend: DatabaseBackend,
     users: &[&User],
 ) -> Result<Vec<Statement>, DbErr> {
@@ -35,7 +35,15 @@ pub(crate) fn row_statements(
         let m = to_model(u).map_err(|e| DbErr::Custom(e.to_string()))?;
         models.push(users::ActiveModel::from(m));
     }
-    let mut out = user_statements(backend, models);
+    Ok(user_statements(backend, models))
+}
+
+/// The statements storing users: their rows, then their index terms.
+pub(crate) fn row_statements(
+    backend: DatabaseBackend,
+    users: &[&User],
+) -> Result<Vec<Statement>, DbErr> {
+    let mut out = user_rows(backend, users)?;
     out.extend(terms::statements(backend, users.iter().copied()));
     Ok(out)
 }

@@ -11,12 +11,11 @@ use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, Statement, TransactionTrait,
 };
 
-use super::batch::user_statements;
+use super::db_error;
 use super::entity::users;
 use super::events::Outbox;
 use super::sqlite_read::{COLUMNS, file_of, model, params};
 use super::sqlite_write::{SqliteWriter, Step, check_rows};
-use super::{db_error, to_model};
 use crate::domain::events::EventEncoder;
 use crate::domain::{DomainError, User};
 
@@ -66,15 +65,10 @@ fn steps(
     let mut parts = Vec::new();
     for part in refs.chunks(super::bulk::PART) {
         let stmts = match rows {
-            Rows::Full => super::bulk::row_statements(backend, part).map_err(db_error)?,
-            Rows::Identifiers => {
-                let mut models = Vec::with_capacity(part.len());
-                for u in part {
-                    models.push(users::ActiveModel::from(to_model(u)?));
-                }
-                user_statements(backend, models)
-            }
-        };
+            Rows::Full => super::bulk::row_statements(backend, part),
+            Rows::Identifiers => super::bulk::user_rows(backend, part),
+        }
+        .map_err(db_error)?;
         parts.push(stmts.into_iter().map(Step::from).collect());
     }
     if rows == Rows::Full {
@@ -98,33 +92,31 @@ pub async fn raw_insert(
     let mut spent = Duration::ZERO;
     let mut n = 0;
     let outbox = Outbox::new(encode);
-    let writer = if url.starts_with("sqlite:") {
-        Some(SqliteWriter::open(url).ok_or("cannot open the ceiling's SQLite file")?)
+    // The executor the service's import uses on this engine.
+    enum Sink {
+        Writer(SqliteWriter),
+        Pool(DatabaseConnection),
+    }
+    let (sink, backend) = if url.starts_with("sqlite:") {
+        let writer = SqliteWriter::open(url).ok_or("cannot open the ceiling's SQLite file")?;
+        (Sink::Writer(writer), DatabaseBackend::Sqlite)
     } else {
-        None
-    };
-    let db = match writer {
-        Some(_) => None,
-        None => Some(super::connect(url, 1).await?),
+        let db = super::connect(url, 1).await?;
+        (Sink::Pool(db), DatabaseBackend::Postgres)
     };
     for i in 0..chunks {
         let chunk = make(i);
-        let backend = if writer.is_some() {
-            DatabaseBackend::Sqlite
-        } else {
-            DatabaseBackend::Postgres
-        };
         let parts = steps(backend, &outbox, &chunk, rows)?;
         let t0 = Instant::now();
-        match (&writer, &db) {
-            (Some(w), _) => {
+        match &sink {
+            Sink::Writer(w) => {
                 let mut txn = w.begin()?;
                 for part in parts {
                     txn.run(part).await?;
                 }
                 txn.commit().await?;
             }
-            (None, Some(db)) => {
+            Sink::Pool(db) => {
                 let txn = db.begin().await?;
                 for step in parts.into_iter().flatten() {
                     let changed = txn.execute_raw(step.stmt).await?.rows_affected();
@@ -132,7 +124,6 @@ pub async fn raw_insert(
                 }
                 txn.commit().await?;
             }
-            (None, None) => unreachable!("one of the two connections is open"),
         }
         spent += t0.elapsed();
         n += chunk.len() as u64;
