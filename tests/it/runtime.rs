@@ -44,9 +44,16 @@ async fn point_reads_and_health_answer_while_counts_saturate(e: Engine) {
     let mut c = s.client();
     let probe = seed(&mut c).await;
 
-    let t = Instant::now();
-    let want = count(&mut c).await;
-    let one_count = t.elapsed();
+    // The time of one count alone: the fastest of a few, so that the
+    // baseline is not what the seeding left behind (on PostgreSQL the
+    // import's VACUUM writes every new page once; other tests run beside).
+    let mut one_count = Duration::MAX;
+    let mut want = 0;
+    for _ in 0..3 {
+        let t = Instant::now();
+        want = count(&mut c).await;
+        one_count = one_count.min(t.elapsed());
+    }
     assert!(want > 0);
 
     // 32 callers counting in a loop: far more than there are readers.
