@@ -12,9 +12,10 @@ use sea_orm::{
 };
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use super::bulk::store_on;
 use super::entity::users;
 use super::events::Outbox;
-use super::{claim_key, db_error, encode_response, explain, find_request, terms, to_model};
+use super::{Stores, claim_key, db_error, encode_response, explain, find_request, terms, to_model};
 use crate::domain::events::{Event, Origin};
 use crate::domain::{Created, DomainError, IdempotencyKey, User};
 
@@ -42,13 +43,14 @@ pub(crate) struct Batcher {
 }
 
 impl Batcher {
-    /// Starts `writers` writer tasks (1 for SQLite, whose writes are serial
-    /// anyway; a few for PostgreSQL).
-    pub(crate) fn start(db: DatabaseConnection, writers: usize, outbox: Arc<Outbox>) -> Self {
+    /// Starts `writers` writer tasks (a few for PostgreSQL; on SQLite, whose
+    /// writes are serial anyway, two with a writer thread: one builds its
+    /// batch while the thread runs the other's).
+    pub(crate) fn start(writers: usize, stores: Stores) -> Self {
         let (tx, rx) = mpsc::channel::<Job>(MAX_BATCH * 8);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..writers.max(1) {
-            tokio::spawn(writer(db.clone(), outbox.clone(), rx.clone()));
+            tokio::spawn(writer(stores.clone(), rx.clone()));
         }
         Batcher { tx }
     }
@@ -73,17 +75,40 @@ impl Batcher {
     }
 }
 
-async fn writer(db: DatabaseConnection, outbox: Arc<Outbox>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn writer(stores: Stores, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let Some(jobs) = super::next_batch(&rx, MAX_BATCH).await else {
             return;
         };
-        commit_batch(&db, &outbox, jobs).await;
+        commit_batch(&stores, jobs).await;
     }
 }
 
-async fn commit_batch(db: &DatabaseConnection, outbox: &Outbox, jobs: Vec<Job>) {
+async fn commit_batch(stores: &Stores, jobs: Vec<Job>) {
     crate::metrics::create_batch(jobs.len());
+    let (db, outbox) = (&stores.db, &*stores.outbox);
+    // On the writer thread in one hand-off when nothing needs a savepoint:
+    // no idempotency keys, no conflict. Otherwise (or when it fails) the
+    // pool's path below finds out each user's own outcome.
+    if let Some(thread) = &stores.thread
+        && jobs.iter().all(|j| j.key.is_none())
+    {
+        let users: Vec<&User> = jobs.iter().map(|j| &j.user).collect();
+        let events: Vec<Event> = jobs
+            .iter()
+            .map(|j| Event::user_created(&j.user, j.origin.clone()))
+            .collect();
+        match store_on(thread, outbox, &users, &events).await {
+            Ok(()) => {
+                outbox.committed();
+                for job in jobs {
+                    let _ = job.reply.send(Ok(Created::New(job.user)));
+                }
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "a batch of creates runs through the pool"),
+        }
+    }
     match store_batch(db, outbox, &jobs).await {
         Ok(outcomes) => {
             for (job, outcome) in jobs.into_iter().zip(outcomes) {

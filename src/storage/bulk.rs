@@ -78,10 +78,13 @@ async fn created<C: ConnectionTrait>(
 /// the writer runs the last one, and only a few parts are in memory at once.
 pub(crate) const PART: usize = 250;
 
-async fn store_on(
+/// Stores new users, their index terms and `events` in one transaction on
+/// the SQLite writer thread. The caller calls `outbox.committed()`.
+pub(crate) async fn store_on(
     writer: &SqliteWriter,
     outbox: &Outbox,
     users: &[&User],
+    events: &[Event],
 ) -> Result<(), WriteError> {
     if users.is_empty() {
         return Ok(());
@@ -89,7 +92,7 @@ async fn store_on(
     let backend = DatabaseBackend::Sqlite;
     // Built before the writer takes the lock: the events last (the head's
     // bump is the last statement), the first part before it begins.
-    let events = outbox.steps(backend, &creation_events(users));
+    let events = outbox.steps(backend, events);
     let part = |users: &[&User]| -> Result<Vec<Step>, WriteError> {
         Ok(row_statements(backend, users)
             .map_err(|e| WriteError::Build(e.to_string()))?
@@ -125,7 +128,7 @@ async fn store_chunk(
     users: &[&User],
 ) -> Result<(), Refused> {
     if let Some(writer) = writer {
-        return match store_on(writer, outbox, users).await {
+        return match store_on(writer, outbox, users, &creation_events(users)).await {
             Ok(()) => Ok(()),
             Err(WriteError::Unique(_)) => Err(Refused::Unique),
             Err(e) => Err(Refused::Failed(e.into_domain("storing an import chunk"))),

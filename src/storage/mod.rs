@@ -149,9 +149,24 @@ pub struct SeaOrmRepository {
     heavy: Arc<tokio::sync::Semaphore>,
     /// Every write appends its change events through this.
     outbox: Arc<Outbox>,
-    /// SQLite only: import chunks, each handed over whole (see
-    /// `sqlite_write`).
+    /// SQLite only: import chunks and batches of conditional writes, each
+    /// handed over whole (see `sqlite_write`).
     writer: Option<Arc<sqlite_write::SqliteWriter>>,
+}
+
+/// Group-commit tasks per kind of write on SQLite with a writer thread: one
+/// builds its batch while the thread runs the other's.
+const THREAD_WRITERS: usize = 2;
+
+/// What the group-commit writer tasks (`batch`, `saves`) write through.
+#[derive(Clone)]
+pub(crate) struct Stores {
+    db: DatabaseConnection,
+    outbox: Arc<Outbox>,
+    /// SQLite: a batch is handed to the writer thread whole, instead of one
+    /// statement at a time to the pool's connection (see `sqlite_write`).
+    /// What needs savepoints or runs alone still uses the pool.
+    thread: Option<Arc<sqlite_write::SqliteWriter>>,
 }
 
 /// Tasks batching GetUser and LookupUser calls (see `point_read`).
@@ -167,8 +182,13 @@ impl SeaOrmRepository {
             _ => 1,
         };
         let outbox = Outbox::new(encode);
-        let creates = Batcher::start(db.clone(), writers, outbox.clone());
-        let saves = saves::Saver::start(db.clone(), writers, outbox.clone());
+        let stores = Stores {
+            db: db.clone(),
+            outbox: outbox.clone(),
+            thread: None,
+        };
+        let creates = Batcher::start(writers, stores.clone());
+        let saves = saves::Saver::start(writers, stores);
         let points = PointReads::start(Executor::new(db.clone(), None), POINT_BATCHERS);
         Self {
             db,
@@ -204,6 +224,16 @@ impl SeaOrmRepository {
             self.readers = SqliteReaders::open(url, 4, true).map(Arc::new);
             self.scan_readers = SqliteReaders::open(url, 2, false).map(Arc::new);
             self.writer = sqlite_write::SqliteWriter::open(url).map(Arc::new);
+            if self.writer.is_some() {
+                // The group commits hand their batches to the writer thread.
+                let stores = Stores {
+                    db: self.db.clone(),
+                    outbox: self.outbox.clone(),
+                    thread: self.writer.clone(),
+                };
+                self.creates = Batcher::start(THREAD_WRITERS, stores.clone());
+                self.saves = saves::Saver::start(THREAD_WRITERS, stores);
+            }
         }
         self
     }

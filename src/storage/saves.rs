@@ -15,18 +15,22 @@
 //! failed commit, whose outcome is unknown), every write of the batch gets
 //! that error: nothing is applied twice. A write whose caller has gone away
 //! before its batch starts is not applied.
+//!
+//! Only the columns and index terms a write changes are written. On SQLite
+//! a batch runs on the writer thread (`sqlite_write`) in one hand-off.
 
 use std::sync::Arc;
 
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr,
+    EntityTrait, Iterable, ModelTrait, QueryFilter, QueryTrait, Statement, TransactionTrait,
 };
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::entity::users;
 use super::events::Outbox;
-use super::{db_error, explain, terms, to_model};
+use super::sqlite_write::{SqliteWriter, WriteError, check_rows, execute};
+use super::{Stores, db_error, explain, terms, to_model};
 use crate::domain::events::{Event, Origin};
 use crate::domain::{DomainError, User};
 
@@ -35,8 +39,9 @@ const MAX_BATCH: usize = 128;
 
 struct Job {
     next: User,
-    /// `next` as a row, encoded on the caller's task.
-    model: users::Model,
+    /// The columns of `next`'s row that differ from `previous`'s, encoded
+    /// on the caller's task.
+    changes: users::ActiveModel,
     previous: User,
     /// The caller's, for the event (the writer task has none).
     origin: Arc<Origin>,
@@ -49,11 +54,12 @@ pub(crate) struct Saver {
 }
 
 impl Saver {
-    pub(crate) fn start(db: DatabaseConnection, writers: usize, outbox: Arc<Outbox>) -> Self {
+    /// Starts `writers` writer tasks (see `Batcher::start`).
+    pub(crate) fn start(writers: usize, stores: Stores) -> Self {
         let (tx, rx) = mpsc::channel::<Job>(MAX_BATCH * 8);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..writers.max(1) {
-            tokio::spawn(writer(db.clone(), outbox.clone(), rx.clone()));
+            tokio::spawn(writer(stores.clone(), rx.clone()));
         }
         Saver { tx }
     }
@@ -63,7 +69,7 @@ impl Saver {
     pub(crate) async fn submit(&self, next: User, previous: User) -> Result<bool, DomainError> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
-            model: to_model(&next)?,
+            changes: changes(&to_model(&next)?, &to_model(&previous)?),
             next,
             previous,
             origin: Origin::current(),
@@ -77,13 +83,14 @@ impl Saver {
 
 /// Why a batch did not commit.
 enum Failed {
-    /// The statement of this job failed.
-    Job(usize, DbErr),
+    /// The statement of this job failed (why, for the log).
+    Job(usize, String),
     /// The database as a whole (begin, the events, the commit).
-    Batch(DbErr),
+    Batch(DomainError),
 }
 
-async fn writer(db: DatabaseConnection, outbox: Arc<Outbox>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn writer(stores: Stores, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    let Stores { db, outbox, thread } = stores;
     loop {
         let Some(mut jobs) = super::next_batch(&rx, MAX_BATCH).await else {
             return;
@@ -100,7 +107,11 @@ async fn writer(db: DatabaseConnection, outbox: Arc<Outbox>, rx: Arc<Mutex<mpsc:
             if jobs.is_empty() {
                 break;
             }
-            match save_batch(&db, &outbox, &jobs).await {
+            let result = match &thread {
+                Some(thread) => save_batch_on(thread, &outbox, &jobs).await,
+                None => save_batch(&db, &outbox, &jobs).await,
+            };
+            match result {
                 Ok(saved) => {
                     for (job, saved) in jobs.drain(..).zip(saved) {
                         let _ = job.reply.send(Ok(saved));
@@ -113,7 +124,6 @@ async fn writer(db: DatabaseConnection, outbox: Arc<Outbox>, rx: Arc<Mutex<mpsc:
                     let _ = job.reply.send(r);
                 }
                 Err(Failed::Batch(e)) => {
-                    let e = db_error(e);
                     for job in jobs.drain(..) {
                         let _ = job.reply.send(Err(copy(&e)));
                     }
@@ -132,26 +142,105 @@ fn copy(e: &DomainError) -> DomainError {
     }
 }
 
-/// The conditional UPDATE of one user and, if it matched, its index terms.
-async fn save_in<C: ConnectionTrait>(conn: &C, job: &Job) -> Result<bool, DbErr> {
+/// The columns of `next` whose values differ from those of `previous` (the
+/// row the conditional UPDATE matches): only they are written, so that an
+/// index none of whose columns changed is not rewritten (SQLite rewrites
+/// the entry of every index whose column is assigned, even to its value).
+fn changes(next: &users::Model, previous: &users::Model) -> users::ActiveModel {
+    let mut am = <users::ActiveModel as Default>::default();
+    for col in users::Column::iter() {
+        let v = next.get(col);
+        if v != previous.get(col) {
+            am.set(col, v);
+        }
+    }
+    am
+}
+
+/// The conditional UPDATE of one user: it changes one row when the stored
+/// revision is still the one its caller read.
+fn update_statement(backend: DatabaseBackend, job: &Job) -> Statement {
     let (next, previous) = (&job.next, &job.previous);
-    // Every column is written (`reset_all` marks them Set); the key is the
-    // filter, not a value to write.
-    let mut am = users::ActiveModel::from(job.model.clone()).reset_all();
-    am.project = sea_orm::ActiveValue::NotSet;
-    am.user_id = sea_orm::ActiveValue::NotSet;
-    let res = users::Entity::update_many()
-        .set(am)
+    users::Entity::update_many()
+        .set(job.changes.clone())
         .filter(users::Column::Project.eq(next.project.as_str()))
         .filter(users::Column::UserId.eq(next.id.as_str()))
         .filter(users::Column::Revision.eq(previous.revision))
-        .exec(conn)
-        .await?;
-    let saved = res.rows_affected == 1;
-    if saved && terms::of(next) != terms::of(previous) {
-        terms::replace(conn, next, previous).await?;
+        .build(backend)
+}
+
+/// The conditional UPDATE of one user and, if it matched, its index terms.
+async fn save_in<C: ConnectionTrait>(conn: &C, job: &Job) -> Result<bool, DbErr> {
+    let stmt = update_statement(conn.get_database_backend(), job);
+    let saved = conn.execute_raw(stmt).await?.rows_affected() == 1;
+    if saved {
+        terms::replace(conn, &job.next, &job.previous).await?;
     }
     Ok(saved)
+}
+
+/// A batch in one transaction on the writer thread, in one hand-off: the
+/// statements are built here, the writer runs each update and, when it
+/// matched, the user's term changes, then the events of the writes that
+/// matched, and commits.
+async fn save_batch_on(
+    thread: &SqliteWriter,
+    outbox: &Arc<Outbox>,
+    jobs: &[Job],
+) -> Result<Vec<bool>, Failed> {
+    let backend = DatabaseBackend::Sqlite;
+    let writes: Vec<(Statement, Vec<Statement>)> = jobs
+        .iter()
+        .map(|j| {
+            let terms = terms::change_statements(backend, &j.next, &j.previous);
+            (update_statement(backend, j), terms)
+        })
+        .collect();
+    let mut events: Vec<Option<Event>> = jobs
+        .iter()
+        .map(|j| {
+            Some(Event::of_user_save_by(
+                &j.previous,
+                &j.next,
+                j.origin.clone(),
+            ))
+        })
+        .collect();
+    let appender = outbox.clone();
+    let run = move |conn: &mut rusqlite::Connection| {
+        let txn = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| (None, WriteError::from(e)))?;
+        let mut saved = Vec::with_capacity(writes.len());
+        for (i, (update, terms)) in writes.iter().enumerate() {
+            let matched = execute(&txn, update).map_err(|e| (Some(i), e))? == 1;
+            if matched {
+                for t in terms {
+                    execute(&txn, t).map_err(|e| (Some(i), e))?;
+                }
+            } else {
+                events[i] = None;
+            }
+            saved.push(matched);
+        }
+        let events: Vec<Event> = events.into_iter().flatten().collect();
+        for step in appender.steps(backend, &events) {
+            let changed = execute(&txn, &step.stmt).map_err(|e| (None, e))?;
+            check_rows(step.rows, changed).map_err(|e| (None, e))?;
+        }
+        txn.commit().map_err(|e| (None, WriteError::from(e)))?;
+        Ok::<_, (Option<usize>, WriteError)>((saved, !events.is_empty()))
+    };
+    match thread.call(run).await {
+        Ok(Ok((saved, appended))) => {
+            if appended {
+                outbox.committed();
+            }
+            Ok(saved)
+        }
+        Ok(Err((Some(i), e))) => Err(Failed::Job(i, e.to_string())),
+        Ok(Err((None, e))) | Err(e) => Err(Failed::Batch(e.into_domain("saving users"))),
+    }
 }
 
 async fn save_batch(
@@ -159,11 +248,14 @@ async fn save_batch(
     outbox: &Outbox,
     jobs: &[Job],
 ) -> Result<Vec<bool>, Failed> {
-    let txn = db.begin().await.map_err(Failed::Batch)?;
+    let batch = |e| Failed::Batch(db_error(e));
+    let txn = db.begin().await.map_err(batch)?;
     let mut saved = Vec::with_capacity(jobs.len());
     let mut events = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
-        let ok = save_in(&txn, job).await.map_err(|e| Failed::Job(i, e))?;
+        let ok = save_in(&txn, job)
+            .await
+            .map_err(|e| Failed::Job(i, e.to_string()))?;
         if ok {
             events.push(Event::of_user_save_by(
                 &job.previous,
@@ -173,8 +265,8 @@ async fn save_batch(
         }
         saved.push(ok);
     }
-    outbox.append(&txn, &events).await.map_err(Failed::Batch)?;
-    txn.commit().await.map_err(Failed::Batch)?;
+    outbox.append(&txn, &events).await.map_err(batch)?;
+    txn.commit().await.map_err(batch)?;
     if !events.is_empty() {
         outbox.committed();
     }

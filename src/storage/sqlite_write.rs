@@ -1,5 +1,6 @@
 //! Bulk writes on the SQLite engine through one read-write rusqlite
-//! connection, owned by a writer thread of its own.
+//! connection, owned by a writer thread of its own: import chunks
+//! (`begin`, in parts) and batches of conditional writes (`call`, whole).
 //!
 //! An import chunk is thousands of statements (users, their index terms,
 //! their events). Through sqlx each statement is one hand-off to the
@@ -138,6 +139,22 @@ impl SqliteWriter {
         Ok(conn)
     }
 
+    /// Runs `f` with the connection on the writer thread (outside any
+    /// transaction: `f` begins and ends its own) and gives back its result;
+    /// the caller waits asynchronously.
+    pub(crate) async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> R + Send + 'static,
+    ) -> Result<R, WriteError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn: &mut Connection| {
+                let _ = tx.send(f(conn));
+            }))
+            .map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)
+    }
+
     /// Begins a transaction on the writer thread (it waits there for the
     /// write lock); the caller then hands over its statements in parts with
     /// `Transaction::run` while building the next part, and commits. The
@@ -153,6 +170,14 @@ impl SqliteWriter {
             .map_err(|_| WriteError::Stopped)?;
         Ok(Transaction { parts, done })
     }
+}
+
+/// Runs one statement (prepared once per connection); the rows it changed.
+pub(crate) fn execute(conn: &Connection, stmt: &Statement) -> Result<u64, WriteError> {
+    Ok(conn
+        .prepare_cached(&stmt.sql)?
+        .execute(rusqlite::params_from_iter(params(stmt)?))
+        .map_err(classify)? as u64)
 }
 
 enum Part {
@@ -204,11 +229,7 @@ fn run(conn: &mut Connection, parts: &flume::Receiver<Part>) -> Result<(), Write
             }
         };
         for step in &steps {
-            let changed = txn
-                .prepare_cached(&step.stmt.sql)?
-                .execute(rusqlite::params_from_iter(params(&step.stmt)?))
-                .map_err(classify)? as u64;
-            check_rows(step.rows, changed)?;
+            check_rows(step.rows, execute(&txn, &step.stmt)?)?;
         }
         // Waits (on this thread) for the caller's next part. A caller that
         // went away closes the queue without a commit: what it queued is

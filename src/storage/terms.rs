@@ -58,6 +58,14 @@ pub(crate) fn statements<'a>(
     for u in users {
         keyed.extend(of(u).into_iter().map(|(kind, term)| (kind, term, u)));
     }
+    insert_statements(backend, keyed)
+}
+
+/// The INSERTs of the given terms, each of its user (see `statements`).
+fn insert_statements(
+    backend: DatabaseBackend,
+    mut keyed: Vec<(i16, String, &User)>,
+) -> Vec<Statement> {
     keyed.sort_by(|a, b| {
         (
             a.2.project.as_str(),
@@ -90,6 +98,36 @@ pub(crate) fn statements<'a>(
         .collect()
 }
 
+/// The statements that bring the terms of `user` from those of `previous`
+/// to its own: one DELETE by the whole key per term it lost, the INSERTs of
+/// those it gained. A term both have is not touched (rewriting it would
+/// dirty its index page for nothing). Empty when the terms are the same.
+pub(crate) fn change_statements(
+    backend: DatabaseBackend,
+    user: &User,
+    previous: &User,
+) -> Vec<Statement> {
+    let (old, new) = (of(previous), of(user));
+    let mut out: Vec<Statement> = old
+        .difference(&new)
+        .map(|(kind, term)| {
+            user_terms::Entity::delete_many()
+                .filter(user_terms::Column::Project.eq(user.project.as_str()))
+                .filter(user_terms::Column::Kind.eq(*kind))
+                .filter(user_terms::Column::Term.eq(term.as_str()))
+                .filter(user_terms::Column::CreateTime.eq(previous.create_time.nanos()))
+                .filter(user_terms::Column::UserId.eq(user.id.as_str()))
+                .build(backend)
+        })
+        .collect();
+    let gained = new.into_iter().filter(|t| !old.contains(t));
+    out.extend(insert_statements(
+        backend,
+        gained.map(|(kind, term)| (kind, term, user)).collect(),
+    ));
+    out
+}
+
 /// Inserts the terms of new users (see `statements`).
 pub(crate) async fn insert<'a, C: ConnectionTrait>(
     conn: &C,
@@ -115,16 +153,15 @@ pub(crate) async fn delete<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Brings the terms of `user` from those of `previous` to its own.
+/// Brings the terms of `user` from those of `previous` to its own (see
+/// `change_statements`).
 pub(crate) async fn replace<C: ConnectionTrait>(
     conn: &C,
     user: &User,
     previous: &User,
 ) -> Result<(), DbErr> {
-    let (old, new) = (of(previous), of(user));
-    if old == new {
-        return Ok(());
+    for stmt in change_statements(conn.get_database_backend(), user, previous) {
+        conn.execute_raw(stmt).await?;
     }
-    delete(conn, user.project.as_str(), user.id.as_str()).await?;
-    insert(conn, [user]).await
+    Ok(())
 }

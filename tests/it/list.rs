@@ -481,7 +481,7 @@ async fn index_terms_follow_updates_and_erasure(e: Engine) {
         &mut c,
         pb::User {
             email: "terms@example.com".into(),
-            tags: strs(&["old"]),
+            tags: strs(&["old", "kept"]),
             ..Default::default()
         },
     )
@@ -489,7 +489,7 @@ async fn index_terms_follow_updates_and_erasure(e: Engine) {
     c.update_user(pb::UpdateUserRequest {
         user: Some(pb::User {
             name: u.name.clone(),
-            tags: strs(&["new"]),
+            tags: strs(&["new", "kept"]),
             email: "moved@example.org".into(),
             display_name: "Renamed".into(),
             ..Default::default()
@@ -502,6 +502,8 @@ async fn index_terms_follow_updates_and_erasure(e: Engine) {
     .unwrap();
     assert_eq!(count(&mut c, "tags:old", false).await, 0);
     assert_eq!(count(&mut c, "tags:new", false).await, 1);
+    // A term the update did not change is still there.
+    assert_eq!(count(&mut c, "tags:kept AND tags:new", false).await, 1);
     assert_eq!(count(&mut c, "email = \"*@example.com\"", false).await, 0);
     assert_eq!(count(&mut c, "email = \"*@example.org\"", false).await, 1);
     assert_eq!(search(&mut c, "terms", "").await.len(), 0);

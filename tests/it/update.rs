@@ -304,7 +304,84 @@ async fn concurrent_updates_lose_nothing(e: Engine) {
     assert_eq!(out.metadata.len(), 8, "{:?}", out.metadata);
 }
 
+/// Updates of many users at once (batched together) where half claim one
+/// new email: one of those wins, the others get their own ALREADY_EXISTS,
+/// the rest apply, and every stored user and index term is as answered.
+async fn burst_of_updates_with_one_contested_email(e: Engine) {
+    let s = TestServer::start(e).await;
+    let mut c = s.client();
+    let mut users = Vec::new();
+    for i in 0..16 {
+        users.push(create(&mut c, user(&format!("burst{i}@example.com"))).await);
+    }
+    let mut tasks = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        let mut c = s.client();
+        let name = u.name.clone();
+        let email = if i < 8 {
+            "contested@example.com".to_string()
+        } else {
+            format!("moved{i}@example.org")
+        };
+        tasks.push(tokio::spawn(async move {
+            let patch = User {
+                name,
+                email,
+                tags: vec![format!("t{i}")],
+                ..Default::default()
+            };
+            update(&mut c, patch, &["email", "tags"]).await
+        }));
+    }
+    let mut winners = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(u) => winners.push((i, u)),
+            Err(status) => {
+                assert!(i < 8, "user {i} (own email) failed: {status:?}");
+                assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+            }
+        }
+    }
+    assert_eq!(winners.len(), 9, "one contested winner and 8 own emails");
+    for (i, u) in users.iter().enumerate() {
+        let stored = get(&mut c, &u.name).await.unwrap();
+        let won = winners.iter().find(|(w, _)| *w == i);
+        match won {
+            Some((_, answered)) => assert_eq!(&stored, answered),
+            None => assert_eq!(&stored, u, "a refused update left user {i} as it was"),
+        }
+        let tagged = c
+            .list_users(pb::ListUsersRequest {
+                parent: PROJECT.into(),
+                filter: format!("tags:\"t{i}\""),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .users;
+        assert_eq!(
+            tagged.len(),
+            usize::from(won.is_some()),
+            "user {i}'s tag term"
+        );
+    }
+    let contested = c
+        .list_users(pb::ListUsersRequest {
+            parent: PROJECT.into(),
+            filter: "email = \"contested@example.com\"".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .users;
+    assert_eq!(contested.len(), 1);
+}
+
 both_engines!(
+    burst_of_updates_with_one_contested_email,
     update_with_mask_writes_only_masked_fields,
     update_without_mask_writes_populated_fields,
     update_star_replaces_everything,
