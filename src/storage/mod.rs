@@ -939,13 +939,32 @@ impl UserRepository for SeaOrmRepository {
     }
 
     async fn checkpoint(&self) -> Result<(), DomainError> {
-        if self.db.get_database_backend() == DatabaseBackend::Sqlite {
-            self.db
-                .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self.db.get_database_backend() != DatabaseBackend::Sqlite {
+            return Ok(());
+        }
+        // The checkpointer thread (`sqlite_write`) may be copying the log
+        // right now: the pragma then answers busy (a row, not an error).
+        for _ in 0..50 {
+            let row = self
+                .db
+                .query_one_raw(Statement::from_string(
+                    DatabaseBackend::Sqlite,
+                    "PRAGMA wal_checkpoint(TRUNCATE)",
+                ))
                 .await
                 .map_err(db_error)?;
+            let busy: i32 = match row {
+                Some(row) => row.try_get_by_index(0).map_err(db_error)?,
+                None => 0,
+            };
+            if busy == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        Ok(())
+        Err(DomainError::Unavailable(
+            "the write-ahead log stayed busy; not truncated".into(),
+        ))
     }
 }
 

@@ -87,6 +87,8 @@ enum Failed {
     Job(usize, String),
     /// The database as a whole (begin, the events, the commit).
     Batch(DomainError),
+    /// The writer thread is gone; nothing of the batch ran.
+    Stopped,
 }
 
 async fn writer(stores: Stores, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
@@ -108,7 +110,11 @@ async fn writer(stores: Stores, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 break;
             }
             let result = match &thread {
-                Some(thread) => save_batch_on(thread, &outbox, &jobs).await,
+                Some(thread) => match save_batch_on(thread, &outbox, &jobs).await {
+                    // Nothing ran: the pool writes instead.
+                    Err(Failed::Stopped) => save_batch(&db, &outbox, &jobs).await,
+                    other => other,
+                },
                 None => save_batch(&db, &outbox, &jobs).await,
             };
             match result {
@@ -126,6 +132,12 @@ async fn writer(stores: Stores, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 Err(Failed::Batch(e)) => {
                     for job in jobs.drain(..) {
                         let _ = job.reply.send(Err(copy(&e)));
+                    }
+                }
+                Err(Failed::Stopped) => {
+                    for job in jobs.drain(..) {
+                        let e = DomainError::Unavailable("the writer stopped".into());
+                        let _ = job.reply.send(Err(e));
                     }
                 }
             }
@@ -166,6 +178,8 @@ fn update_statement(backend: DatabaseBackend, job: &Job) -> Statement {
         .filter(users::Column::Project.eq(next.project.as_str()))
         .filter(users::Column::UserId.eq(next.id.as_str()))
         .filter(users::Column::Revision.eq(previous.revision))
+        // The same user, not one re-created under its id since.
+        .filter(users::Column::CreateTime.eq(previous.create_time.nanos()))
         .build(backend)
 }
 
@@ -239,6 +253,7 @@ async fn save_batch_on(
             Ok(saved)
         }
         Ok(Err((Some(i), e))) => Err(Failed::Job(i, e.to_string())),
+        Err(WriteError::Stopped) => Err(Failed::Stopped),
         Ok(Err((None, e))) | Err(e) => Err(Failed::Batch(e.into_domain("saving users"))),
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use migration::terms::{Indexed, terms};
+use sea_orm::sea_query::OnConflict;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseBackend, DbErr, EntityTrait,
     QueryFilter, QueryTrait, Statement,
@@ -58,13 +59,15 @@ pub(crate) fn statements<'a>(
     for u in users {
         keyed.extend(of(u).into_iter().map(|(kind, term)| (kind, term, u)));
     }
-    insert_statements(backend, keyed)
+    insert_statements(backend, keyed, false)
 }
 
-/// The INSERTs of the given terms, each of its user (see `statements`).
+/// The INSERTs of the given terms, each of its user (see `statements`);
+/// `tolerant`: a term already stored is left as it is.
 fn insert_statements(
     backend: DatabaseBackend,
     mut keyed: Vec<(i16, String, &User)>,
+    tolerant: bool,
 ) -> Vec<Statement> {
     keyed.sort_by(|a, b| {
         (
@@ -92,9 +95,24 @@ fn insert_statements(
             user_id: Set(u.id.as_str().to_owned()),
         })
         .collect();
+    let key = [
+        user_terms::Column::Project,
+        user_terms::Column::Kind,
+        user_terms::Column::Term,
+        user_terms::Column::CreateTime,
+        user_terms::Column::UserId,
+    ];
     fixed_parts(rows, &[128, 32, 8, 1])
         .into_iter()
-        .map(|part| user_terms::Entity::insert_many(part).build(backend))
+        .map(|part| {
+            let insert = user_terms::Entity::insert_many(part);
+            if tolerant {
+                let keep = OnConflict::columns(key).do_nothing().to_owned();
+                insert.on_conflict(keep).build(backend)
+            } else {
+                insert.build(backend)
+            }
+        })
         .collect()
 }
 
@@ -121,9 +139,12 @@ pub(crate) fn change_statements(
         })
         .collect();
     let gained = new.into_iter().filter(|t| !old.contains(t));
+    // Tolerant: a term the stored row already has (it should not) must
+    // not make the user impossible to update.
     out.extend(insert_statements(
         backend,
         gained.map(|(kind, term)| (kind, term, user)).collect(),
+        true,
     ));
     out
 }

@@ -314,6 +314,19 @@ async fn burst_of_updates_with_one_contested_email(e: Engine) {
     for i in 0..16 {
         users.push(create(&mut c, user(&format!("burst{i}@example.com"))).await);
     }
+    let mut ev = s.events();
+    let head = |page: pb::ListEventsResponse| page.head_revision;
+    let events_page = pb::ListEventsRequest {
+        parent: PROJECT.into(),
+        page_size: 1,
+        ..Default::default()
+    };
+    let before = head(
+        ev.list_events(events_page.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let mut tasks = Vec::new();
     for (i, u) in users.iter().enumerate() {
         let mut c = s.client();
@@ -344,6 +357,9 @@ async fn burst_of_updates_with_one_contested_email(e: Engine) {
         }
     }
     assert_eq!(winners.len(), 9, "one contested winner and 8 own emails");
+    // One change event per applied update, none for a refused one.
+    let after = head(ev.list_events(events_page).await.unwrap().into_inner());
+    assert_eq!(after - before, 9);
     for (i, u) in users.iter().enumerate() {
         let stored = get(&mut c, &u.name).await.unwrap();
         let won = winners.iter().find(|(w, _)| *w == i);
@@ -365,6 +381,22 @@ async fn burst_of_updates_with_one_contested_email(e: Engine) {
             tagged.len(),
             usize::from(won.is_some()),
             "user {i}'s tag term"
+        );
+        // The email term follows the stored email.
+        let by_old = c
+            .list_users(pb::ListUsersRequest {
+                parent: PROJECT.into(),
+                filter: format!("email = \"*{}\"", &u.email[1..]),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .users;
+        assert_eq!(
+            by_old.len(),
+            usize::from(won.is_none()),
+            "user {i}'s old email term"
         );
     }
     let contested = c
